@@ -1,0 +1,32 @@
+"""CLI subcommands, one module each (discovered by :mod:`metaflow_ws.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+__all__ = ["add_common", "progress_bar"]
+
+
+def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, device: bool = True, seed: bool = True) -> None:
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if device:
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def progress_bar(total: int, desc: str, *, fmt: Callable[[float], str] | None = None):
+    """A tqdm bar on stderr and a callback ``(step, total, value)`` that advances it."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False, mininterval=0.5)
+
+    def update(step: int, _total: int, value: float) -> None:
+        bar.n = step
+        if step == _total or step % 10 == 0:
+            bar.set_postfix_str(fmt(value) if fmt else f"loss={value:.4f}", refresh=False)
+            bar.refresh()
+
+    return bar, update

@@ -1,0 +1,33 @@
+"""Task losses for one network (pure functions of an unbatched parameter dict, safe under vmap/grad)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from metaflow_ws.nets.spec import NetworkSpec
+
+__all__ = ["loss_fn", "prediction_loss"]
+
+
+def prediction_loss(out: Tensor, y: Tensor, kind: str) -> Tensor:
+    """Mean cross-entropy (classification, ``y`` int labels) or mean squared error (regression)."""
+    if kind == "classification":
+        return torch.nn.functional.cross_entropy(out, y)
+    if kind == "regression":
+        return torch.mean((out - y) ** 2)
+    raise ValueError(f"no training loss for task kind {kind!r}; expected 'classification' or 'regression'")
+
+
+def loss_fn(spec: NetworkSpec, kind: str, *, flat: bool = False) -> Callable[..., Tensor]:
+    """``loss(params, x, y)`` for one network; ``flat=True`` takes a flat ``[D]`` vector instead of a dict."""
+    if kind not in ("classification", "regression"):
+        raise ValueError(f"no training loss for task kind {kind!r}; expected 'classification' or 'regression'")
+
+    def loss(params: Mapping[str, Tensor] | Tensor, x: Tensor, y: Tensor) -> Tensor:
+        p = spec.unflatten(params) if flat else params
+        return prediction_loss(spec.forward(p, x), y, kind)
+
+    return loss

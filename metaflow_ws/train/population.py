@@ -1,0 +1,155 @@
+"""Population training: R networks of one task trained at once with ``vmap(grad(...))``.
+
+Every network has its own init and its own data order, drawn from per-run generators seeded by
+``run_seed(seed, r)``, so run r is reproducible alone: :func:`run_generators` and :func:`init_runs` give exactly
+what a plain ``torch.optim`` loop needs to reproduce it (see ``tests/test_population.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from metaflow_ws.evaluation.metrics import batch_metrics
+from metaflow_ws.io.zoo import Zoo
+from metaflow_ws.nets.spec import Params
+from metaflow_ws.tasks.registry import Task, get_task
+from metaflow_ws.train.losses import loss_fn
+from metaflow_ws.train.optim import make_optimizer
+
+__all__ = ["init_runs", "kept_steps", "run_generators", "run_seed", "steps_per_epoch", "train_population"]
+
+
+def run_seed(seed: int, run: int) -> int:
+    """Seed of run ``run`` of a population seeded ``seed`` (independent of the population size)."""
+    return (int(seed) * 1_000_003 + int(run) * 7_919 + 12_345) % (2**63 - 1)
+
+
+def run_generators(seed: int, runs: int) -> tuple[list[torch.Generator], list[torch.Generator]]:
+    """Per-run generators: (init generators, data-order generators)."""
+    init = [torch.Generator().manual_seed(run_seed(seed, r)) for r in range(runs)]
+    order = [torch.Generator().manual_seed(run_seed(seed, r) + 1) for r in range(runs)]
+    return init, order
+
+
+def init_runs(task: Task, gens: list[torch.Generator], dtype: torch.dtype = torch.float32) -> Params:
+    """Initial parameters ``{name: [R, ...]}`` from the recipe's init, one generator per run."""
+    rec = task.recipe
+    return task.spec.stack(
+        {k: v[0] for k, v in task.spec.init(1, scheme=rec.init, std=rec.init_std, generator=g, dtype=dtype).items()}
+        for g in gens
+    )
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def kept_steps(total_steps: int, spe: int, skip_epochs: int, keep_every: int) -> list[int]:
+    """Optimizer steps (1-based) whose iterates are kept: after ``skip_epochs`` epochs, every ``keep_every``-th
+    step counted back from the last one (so the final weights are always kept)."""
+    first = skip_epochs * spe + 1
+    return [s for s in range(first, total_steps + 1) if (total_steps - s) % keep_every == 0]
+
+
+def train_population(
+    task: Task | str,
+    runs: int | None = None,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    data_seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Zoo:
+    """Train ``runs`` networks of ``task`` with its recipe and return the kept checkpoints as a :class:`Zoo`.
+
+    ``epochs`` overrides the recipe (skip_epochs is clipped to it). ``progress(step, total, loss_mean)`` is called
+    after every optimizer step. Metrics (``train_/val_/test_`` ``loss``/``accuracy`` or ``mse``) are evaluated on
+    every checkpoint with vmap.
+    """
+    task = get_task(task)
+    rec = task.recipe
+    runs = rec.runs if runs is None else int(runs)
+    if runs < 1:
+        raise ValueError(f"runs must be ≥ 1; got {runs}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    spec = task.spec
+    seeds = {"seed": int(seed), "data_seed": int(data_seed), "run_seeds": [run_seed(seed, r) for r in range(runs)]}
+    t0 = time.perf_counter()
+
+    if task.kind == "synthetic":
+        syn = task.synthetic
+        assert syn is not None
+        g = torch.Generator().manual_seed(int(seed))
+        flat = syn.target_mean + syn.target_std * torch.randn(runs, spec.num_params, generator=g, dtype=dtype)
+        return Zoo.from_flat(task.name, spec, flat.to(device), recipe=asdict(rec), seeds=seeds,
+                             task_args=task.dataset_args, info={"synthetic": asdict(syn), "seconds": time.perf_counter() - t0})
+
+    epochs = rec.epochs if epochs is None else int(epochs)
+    if epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1; got {epochs}")
+    skip = min(rec.skip_epochs, epochs - 1)
+    data = task.data(data_seed, device=device)
+    x, y = data.x_train.to(dtype), data.y_train
+    if y.is_floating_point():
+        y = y.to(dtype)
+    n = x.shape[0]
+    bs = min(rec.batch_size, n)
+    spe = steps_per_epoch(n, bs)
+    total = epochs * spe
+    keep = set(kept_steps(total, spe, skip, rec.keep_every))
+
+    init_gens, order_gens = run_generators(seed, runs)
+    flat = spec.flatten(init_runs(task, init_gens, dtype)).to(device)  # [R, D]
+    opt = make_optimizer(rec.optimizer, lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay,
+                         betas=rec.betas, eps=rec.eps, nesterov=rec.nesterov)
+    state = opt.init(flat)
+    step_fn = vmap(grad_and_value(loss_fn(spec, task.kind, flat=True)))
+
+    kept_flat: list[Tensor] = []
+    kept_step: list[int] = []
+    step = 0
+    for _epoch in range(epochs):
+        order = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(device)  # [R, n]
+        for s in range(spe):
+            idx = order[:, s * bs : (s + 1) * bs]
+            grads, losses = step_fn(flat, x[idx], y[idx])
+            flat, state = opt.step(flat, grads, state)
+            step += 1
+            if step in keep:
+                kept_flat.append(flat.detach().clone())
+                kept_step.append(step)
+            if progress is not None:
+                progress(step, total, float(losses.mean()))
+        if not torch.isfinite(flat).all():
+            bad = (~torch.isfinite(flat).all(1)).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"training diverged at epoch {_epoch + 1}: runs {bad[:10]} have NaN/inf weights; lower recipe.lr"
+            )
+
+    k = len(kept_step)
+    all_flat = torch.stack(kept_flat, dim=1).reshape(runs * k, -1)  # run-major: run r's checkpoints are contiguous
+    run_id = torch.arange(runs).repeat_interleave(k)
+    steps = torch.tensor(kept_step, dtype=torch.int64).repeat(runs)
+    params = spec.unflatten(all_flat)
+    metrics: dict[str, Tensor] = {}
+    for split in ("train", "val", "test"):
+        xs, ys = data.split(split)
+        if xs.shape[0] == 0:
+            continue
+        for name, v in batch_metrics(spec, params, xs.to(dtype), ys.to(dtype) if ys.is_floating_point() else ys,
+                                     task.kind).items():
+            metrics[f"{split}_{name}"] = v.cpu()
+    info = {"epochs": epochs, "steps_per_epoch": spe, "batch_size": bs, "seconds": time.perf_counter() - t0,
+            "device": str(device)}
+    rec_d = asdict(rec) | {"epochs": epochs, "skip_epochs": skip}
+    return Zoo(task=task.name, spec=spec, params={k_: v.cpu() for k_, v in params.items()}, run_id=run_id,
+               step=steps, metrics=metrics, recipe=rec_d, seeds=seeds, task_args=dict(task.dataset_args), info=info)
