@@ -68,12 +68,13 @@ def train_population(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int, float], None] | None = None,
+    evaluate: bool = True,
 ) -> Zoo:
     """Train ``runs`` networks of ``task`` with its recipe and return the kept checkpoints as a :class:`Zoo`.
 
     ``epochs`` overrides the recipe (skip_epochs is clipped to it). ``progress(step, total, loss_mean)`` is called
     after every optimizer step. Metrics (``train_/val_/test_`` ``loss``/``accuracy`` or ``mse``) are evaluated on
-    every checkpoint with vmap.
+    every checkpoint with vmap unless ``evaluate=False``.
     """
     task = get_task(task)
     rec = task.recipe
@@ -101,6 +102,8 @@ def train_population(
     x, y = data.x_train.to(dtype), data.y_train
     if y.is_floating_point():
         y = y.to(dtype)
+    elif task.kind == "classification":  # one-hot targets: same loss, elementwise kernels under vmap
+        y = torch.nn.functional.one_hot(y, spec.out_features).to(dtype)
     n = x.shape[0]
     bs = min(rec.batch_size, n)
     spe = steps_per_epoch(n, bs)
@@ -112,16 +115,22 @@ def train_population(
     opt = make_optimizer(rec.optimizer, lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay,
                          betas=rec.betas, eps=rec.eps, nesterov=rec.nesterov)
     state = opt.init(flat)
-    step_fn = vmap(grad_and_value(loss_fn(spec, task.kind, flat=True)))
+    grad_fn = vmap(grad_and_value(loss_fn(spec, task.kind)))
+    names = spec.names
+
+    def step_fn(flat: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        grads, losses = grad_fn(spec.unflatten(flat), xb, yb)  # dict in, dict out: cheaper than a flat vmap
+        return torch.cat([grads[k].reshape(runs, -1) for k in names], dim=1), losses
 
     kept_flat: list[Tensor] = []
     kept_step: list[int] = []
     step = 0
     for _epoch in range(epochs):
         order = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(device)  # [R, n]
+        x_ep, y_ep = x[order], y[order]  # one gather per epoch; each step takes a slice
         for s in range(spe):
-            idx = order[:, s * bs : (s + 1) * bs]
-            grads, losses = step_fn(flat, x[idx], y[idx])
+            sl = slice(s * bs, (s + 1) * bs)
+            grads, losses = step_fn(flat, x_ep[:, sl], y_ep[:, sl])
             flat, state = opt.step(flat, grads, state)
             step += 1
             if step in keep:
@@ -135,20 +144,22 @@ def train_population(
                 f"training diverged at epoch {_epoch + 1}: runs {bad[:10]} have NaN/inf weights; lower recipe.lr"
             )
 
+    train_seconds = time.perf_counter() - t0
     k = len(kept_step)
     all_flat = torch.stack(kept_flat, dim=1).reshape(runs * k, -1)  # run-major: run r's checkpoints are contiguous
     run_id = torch.arange(runs).repeat_interleave(k)
     steps = torch.tensor(kept_step, dtype=torch.int64).repeat(runs)
     params = spec.unflatten(all_flat)
     metrics: dict[str, Tensor] = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test") if evaluate else ():
         xs, ys = data.split(split)
         if xs.shape[0] == 0:
             continue
         for name, v in batch_metrics(spec, params, xs.to(dtype), ys.to(dtype) if ys.is_floating_point() else ys,
                                      task.kind).items():
             metrics[f"{split}_{name}"] = v.cpu()
-    info = {"epochs": epochs, "steps_per_epoch": spe, "batch_size": bs, "seconds": time.perf_counter() - t0,
+    info = {"epochs": epochs, "steps_per_epoch": spe, "batch_size": bs, "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - t0,
             "device": str(device)}
     rec_d = asdict(rec) | {"epochs": epochs, "skip_epochs": skip}
     return Zoo(task=task.name, spec=spec, params={k_: v.cpu() for k_, v in params.items()}, run_id=run_id,

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from metaflow_ws.cli import main
+
+
+def run_json(capsys, argv):
+    rc = main(argv)
+    out = capsys.readouterr().out
+    assert rc == 0
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_tasks_json(capsys):
+    res = run_json(capsys, ["tasks", "--json"])
+    names = {t["name"] for t in res["tasks"]}
+    assert {"breast_cancer", "digits", "mnist1d", "sinusoid", "gaussian_toy"} <= names
+    bc = next(t for t in res["tasks"] if t["name"] == "breast_cancer")
+    assert bc["architecture"] == "MLP 30-16-16-2 (relu)" and bc["sizes"]["test"] == 114
+
+
+def test_zoo_then_evaluate_end_to_end(capsys, tmp_path):
+    out = tmp_path / "zoo.safetensors"
+    res = run_json(capsys, ["zoo", "breast_cancer", "--runs", "4", "--epochs", "12", "--out", str(out), "--json",
+                            "--device", "cpu"])
+    for key in ("task", "runs", "checkpoints", "params", "test_accuracy_mean", "test_accuracy_std", "seconds"):
+        assert key in res
+    assert res["runs"] == 4 and res["params"] == 802 and res["test_accuracy_mean"] > 0.85
+    ev = run_json(capsys, ["evaluate", "--task", "breast_cancer", "--weights", str(out), "--final", "--json"])
+    assert ev["n"] == 4 and abs(ev["accuracy_mean"] - res["test_accuracy_mean"]) < 1e-6
+    assert {"nll_mean", "nll_std", "accuracy_std"} <= set(ev)
+
+
+def test_regression_zoo_reports_mse(capsys, tmp_path):
+    res = run_json(capsys, ["zoo", "sinusoid", "--runs", "2", "--epochs", "2", "--out", str(tmp_path / "s.st"), "--json"])
+    assert "test_mse_mean" in res
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["zoo", "no_such_task", "--out", "x.safetensors"], "unknown task 'no_such_task'"),
+        (["evaluate", "--task", "breast_cancer", "--weights", "missing.safetensors"], "does not exist"),
+        (["zoo", "breast_cancer", "--runs", "0", "--out", "x.safetensors"], "runs must be"),
+        (["zoo", "mnist", "--data-dir", "/nonexistent-folder", "--out", "x.safetensors"], "train-images-idx3-ubyte"),
+    ],
+)
+def test_bad_input_exits_2_with_message(capsys, argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_evaluate_wrong_architecture(capsys, tiny_bc_zoo, tmp_path):
+    tiny_bc_zoo.save(tmp_path / "z.safetensors")
+    assert main(["evaluate", "--task", "digits", "--weights", str(tmp_path / "z.safetensors")]) == 2
+    assert "64-10-10" in capsys.readouterr().err
