@@ -1,0 +1,71 @@
+"""``metaflow-ws train``: train a weight-space flow on a zoo."""
+
+from __future__ import annotations
+
+import argparse
+
+from metaflow_ws.commands import add_common
+
+NAME = "train"
+HELP = "train a Euclidean, Normalized or Geometric flow on a zoo file"
+ORDER = 40
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from metaflow_ws.flows.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--zoo", required=True, help="zoo file written by `metaflow-ws zoo`")
+    p.add_argument("--flow", required=True, choices=["euclidean", "normalized", "geometric"])
+    p.add_argument("--out", required=True, help="output folder (config.json, flow.safetensors, checkpoints)")
+    p.add_argument("--coupling", choices=["independent", "ot"], default=d.coupling)
+    p.add_argument("--align", action=argparse.BooleanOptionalAction, default=d.align,
+                   help="align the zoo to one reference by permutations first (default: on)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--prior-std", type=float, default=None, help="σ of the prior N(0, σ²I) (default: the zoo's init)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    add_common(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from metaflow_ws.cli import print_json
+    from metaflow_ws.commands import progress_bar
+    from metaflow_ws.errors import resolve_device
+    from metaflow_ws.flows import FlowConfig, TrainConfig, train_flow
+    from metaflow_ws.io import Zoo
+
+    device = resolve_device(args.device)
+    zoo = Zoo.load(args.zoo)
+    prior = args.prior_std if args.prior_std is not None else float(zoo.recipe.get("init_std", 0.1))
+    config = FlowConfig(flow=args.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
+                        prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,
+                        align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    bar, update = progress_bar(train.steps, f"train {args.flow}")
+
+    def progress(step: int, total: int, loss: float, sps: float) -> None:
+        update(step, total, loss)
+        if step % 10 == 0:
+            bar.set_postfix_str(f"loss={loss:.4f} {sps:.1f} steps/s", refresh=False)
+
+    try:
+        res = train_flow(zoo, config, train, args.out, resume=args.resume, device=device, progress=progress)
+    finally:
+        bar.close()
+    summary = {"flow": args.flow, "out": str(args.out), "steps": train.steps, "resumed_from": res.resumed_from,
+               "final_loss": sum(res.losses[-100:]) / max(1, len(res.losses[-100:])),
+               "steps_per_second": round(res.steps_per_second, 2), "seconds": round(res.seconds, 2),
+               "params": sum(p.numel() for p in res.flow.field.parameters()), "coupling": train.coupling,
+               "aligned": train.align}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {args.out}: {args.flow} flow, {summary['params']} params, loss {summary['final_loss']:.4f}, "
+              f"{summary['steps_per_second']} steps/s, {summary['seconds']}s")
+    return 0

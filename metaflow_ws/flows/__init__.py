@@ -1,0 +1,27 @@
+"""Weight-space flow matching: Euclidean, Normalized and Geometric flows."""
+
+from metaflow_ws.flows.coordinates import FLOWS, WeightCoordinates
+from metaflow_ws.flows.couplings import IndependentCoupling, OTCoupling, make_coupling
+from metaflow_ws.flows.flow import FlowConfig, FlowFormatError, WeightFlow
+from metaflow_ws.flows.sampling import SOLVERS, SampleConfig, guidance_gradient, sample
+from metaflow_ws.flows.train import TrainConfig, TrainResult, beta12, flow_matching_loss, train_flow
+
+__all__ = [
+    "FLOWS",
+    "SOLVERS",
+    "FlowConfig",
+    "FlowFormatError",
+    "IndependentCoupling",
+    "OTCoupling",
+    "SampleConfig",
+    "TrainConfig",
+    "TrainResult",
+    "WeightCoordinates",
+    "WeightFlow",
+    "beta12",
+    "flow_matching_loss",
+    "guidance_gradient",
+    "make_coupling",
+    "sample",
+    "train_flow",
+]

@@ -1,0 +1,181 @@
+"""A weight-space flow: coordinates + geometry + Relational Transformer vector field, saved as safetensors + JSON.
+
+The network predicts x1 (the clean weights) from (x_t, t); the velocity is derived from the prediction on the
+path's geometry: ``(x̂1 − x_t)/(1 − t)`` (Euclidean) or ``log_{x_t}(x̂1)/(1 − t)`` (geometric). Inputs and
+outputs are scaled per parameter block by fixed statistics of the training data (:attr:`scale`), so that layers
+of very different magnitude (e.g. unit rows with 784 entries) reach the model on a common scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaflow_ws.flows.coordinates import FLOWS, FlowKind, WeightCoordinates
+from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
+from metaflow_ws.nets.spec import NetworkSpec
+
+__all__ = ["FlowConfig", "WeightFlow", "FlowFormatError"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "flow.safetensors"
+
+
+class FlowFormatError(ValueError):
+    """A flow folder that is missing, corrupt or for another architecture."""
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Everything needed to rebuild a flow (stored as ``config.json``)."""
+
+    flow: FlowKind
+    widths: tuple[int, ...]
+    activation: str = "relu"
+    task: str = ""
+    prior_std: float = 0.316
+    d_model: int = 64
+    num_layers: int = 5
+    heads: int = 1
+    cond_dim: int = 0
+    sigma: float = 0.0
+    aligned: bool = False
+
+    def __post_init__(self) -> None:
+        if self.flow not in FLOWS:
+            raise ValueError(f"unknown flow {self.flow!r}; expected one of {list(FLOWS)}")
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    @property
+    def spec(self) -> NetworkSpec:
+        return NetworkSpec(self.widths, self.activation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"widths": list(self.widths)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlowConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FlowFormatError(f"flow config has unknown keys {unknown}")
+        return cls(**d)
+
+
+class WeightFlow(nn.Module):
+    """Flow-matching model over the weights of networks of one architecture."""
+
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        from metaflow_ws.models import RelationalTransformer
+
+        self.config = config
+        self.coords = WeightCoordinates(config.spec, config.flow)
+        self.field = RelationalTransformer(
+            config.spec,
+            d_model=config.d_model,
+            num_layers=config.num_layers,
+            heads=config.heads,
+            n_globals=self.coords.n_globals,
+            cond_dim=config.cond_dim,
+        )
+        self.register_buffer("scale", torch.ones(self.coords.dim))
+        self.data_manifold = self.coords.data_manifold
+        self.path_manifold = self.coords.path_manifold
+
+    # ------------------------------------------------------------------------------------------ basics
+    @property
+    def spec(self) -> NetworkSpec:
+        return self.config.spec
+
+    @property
+    def dim(self) -> int:
+        return self.coords.dim
+
+    def set_scale_from(self, x1: Tensor, eps: float = 1e-6) -> None:
+        """Per-parameter-block RMS of training coordinates ``x1: [N, dim]`` (one scalar per block)."""
+        scale = torch.empty(self.dim, dtype=x1.dtype, device=x1.device)
+        for start, stop in _blocks(self.spec, self.dim):
+            scale[start:stop] = x1[:, start:stop].pow(2).mean().sqrt().clamp_min(eps)
+        self.scale.copy_(scale.to(self.scale))
+
+    def predict_x1(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x̂1 on the data manifold. ``x: [B, dim]``, ``t: [B]``, ``cond: [B, cond_dim]`` → ``[B, dim]``."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"flow coordinates must be (B, {self.dim}) for {self.spec.describe()}; got {tuple(x.shape)}")
+        out = self.field(x / self.scale, t, cond) * self.scale
+        return self.data_manifold.project(out)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Velocity at (x, t) derived from the x1 prediction, in the path's geometry."""
+        return self.path_manifold.velocity(x, self.predict_x1(x, t, cond), t)
+
+    def sample_prior(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        p = next(self.parameters())
+        return self.coords.sample_prior(n, self.config.prior_std, generator=generator, dtype=p.dtype, device=p.device)
+
+    def decode(self, x: Tensor) -> dict[str, Tensor]:
+        return self.coords.decode(x)
+
+    def encode(self, params: dict[str, Tensor]) -> Tensor:
+        return self.coords.encode(params)
+
+    def check_spec(self, spec: NetworkSpec, what: str = "task") -> None:
+        """Raise when ``spec`` is not this flow's architecture."""
+        if spec != self.spec:
+            raise ValueError(
+                f"this {self.config.flow} flow generates {self.spec.describe()} networks but the {what} uses "
+                f"{spec.describe()}; train a flow on a zoo of that architecture"
+            )
+
+    # --------------------------------------------------------------------------------------------- I/O
+    def save_pretrained(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``flow.safetensors`` (atomically) into ``folder``."""
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write_bytes(folder / WEIGHTS_NAME, save(tensors, metadata={"format": "metaflow_ws.flow"}))
+        atomic_write_json(folder / CONFIG_NAME, {"config": self.config.to_dict(), **(extra or {})})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, device: torch.device | str | None = None) -> WeightFlow:
+        """Load a flow written by :meth:`save_pretrained` (or by ``metaflow-ws train``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        folder = Path(folder)
+        cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise FileNotFoundError(f"{folder} is not a flow folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                                    "train one with `metaflow-ws train --zoo ZOO --flow geometric --out DIR`")
+        try:
+            meta = json.loads(cfg_path.read_text())
+            config = FlowConfig.from_dict(meta["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FlowFormatError(f"{cfg_path} is damaged ({e})") from e
+        try:
+            state = load(w_path.read_bytes())
+        except SafetensorError as e:
+            raise FlowFormatError(f"{w_path} is corrupt or truncated ({e}); retrain or restore it") from e
+        flow = cls(config)
+        missing, unexpected = flow.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise FlowFormatError(f"{w_path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return flow.to(device) if device is not None else flow
+
+
+def _blocks(spec: NetworkSpec, dim: int) -> list[tuple[int, int]]:
+    """Parameter blocks of the flat coordinates (each weight matrix, each bias, and the global tail)."""
+    blocks = list(spec.offsets.values())
+    if dim > spec.num_params:
+        blocks.append((spec.num_params, dim))
+    return blocks
