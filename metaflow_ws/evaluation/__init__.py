@@ -1,5 +1,52 @@
-"""Evaluation of batches of networks."""
+"""Evaluation of batches of networks: per-network metrics, calibration, functional diversity, Bayesian model
+averaging, novelty against the training zoo, and baseline populations."""
 
+from metaflow_ws.evaluation.calibration import (
+    ReliabilityBins,
+    as_params,
+    brier_score,
+    expected_calibration_error,
+    full_metrics,
+    network_outputs,
+    predictive_probs,
+    reliability_bins,
+)
+from metaflow_ws.evaluation.diversity import (
+    entropy,
+    functional_diversity,
+    js_divergence,
+    mean_pairwise_js,
+    mean_pairwise_msd,
+    pairwise_js_matrix,
+)
+from metaflow_ws.evaluation.ensemble import BMACurve, bma_curve, bma_curve_from_outputs, ensemble_metrics
 from metaflow_ws.evaluation.metrics import batch_metrics, evaluate_zoo
+from metaflow_ws.evaluation.novelty import AlignFn, NoveltyResult, nearest_neighbours, novelty, reference_scale
 
-__all__ = ["batch_metrics", "evaluate_zoo"]
+__all__ = [
+    "AlignFn",
+    "BMACurve",
+    "NoveltyResult",
+    "ReliabilityBins",
+    "as_params",
+    "batch_metrics",
+    "bma_curve",
+    "bma_curve_from_outputs",
+    "brier_score",
+    "ensemble_metrics",
+    "entropy",
+    "evaluate_zoo",
+    "expected_calibration_error",
+    "full_metrics",
+    "functional_diversity",
+    "js_divergence",
+    "mean_pairwise_js",
+    "mean_pairwise_msd",
+    "nearest_neighbours",
+    "network_outputs",
+    "novelty",
+    "pairwise_js_matrix",
+    "predictive_probs",
+    "reference_scale",
+    "reliability_bins",
+]
