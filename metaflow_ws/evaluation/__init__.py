@@ -1,6 +1,12 @@
 """Evaluation of batches of networks: per-network metrics, calibration, functional diversity, Bayesian model
 averaging, novelty against the training zoo, and baseline populations."""
 
+from metaflow_ws.evaluation.baselines import (
+    aligned_average_baseline,
+    deep_ensemble,
+    final_checkpoints,
+    noise_baseline,
+)
 from metaflow_ws.evaluation.calibration import (
     ReliabilityBins,
     as_params,
@@ -28,15 +34,18 @@ __all__ = [
     "BMACurve",
     "NoveltyResult",
     "ReliabilityBins",
+    "aligned_average_baseline",
     "as_params",
     "batch_metrics",
     "bma_curve",
     "bma_curve_from_outputs",
     "brier_score",
+    "deep_ensemble",
     "ensemble_metrics",
     "entropy",
     "evaluate_zoo",
     "expected_calibration_error",
+    "final_checkpoints",
     "full_metrics",
     "functional_diversity",
     "js_divergence",
@@ -44,6 +53,7 @@ __all__ = [
     "mean_pairwise_msd",
     "nearest_neighbours",
     "network_outputs",
+    "noise_baseline",
     "novelty",
     "pairwise_js_matrix",
     "predictive_probs",
