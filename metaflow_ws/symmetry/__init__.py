@@ -4,6 +4,7 @@ and loss barriers.
 - :mod:`~metaflow_ws.symmetry.permutation`: apply / draw / invert batched neuron permutations;
 - :mod:`~metaflow_ws.symmetry.align`: weight matching (Git Re-Basin) and activation matching to a reference;
 - :mod:`~metaflow_ws.symmetry.scaling`: positive rescaling, :func:`canonicalize`, canonical coordinates;
+- :mod:`~metaflow_ws.symmetry.barrier`: loss barriers along linear paths between networks.
 """
 
 from metaflow_ws.symmetry.align import (
@@ -15,6 +16,7 @@ from metaflow_ws.symmetry.align import (
     solve_assignments,
     weight_matching,
 )
+from metaflow_ws.symmetry.barrier import BarrierResult, ZooBarrierResult, loss_barrier, random_pairs, zoo_barrier
 from metaflow_ws.symmetry.permutation import (
     Perms,
     apply_permutation,
@@ -34,7 +36,9 @@ from metaflow_ws.symmetry.scaling import (
 
 __all__ = [
     "Alignment",
+    "BarrierResult",
     "Perms",
+    "ZooBarrierResult",
     "activation_matching",
     "align",
     "align_zoo",
@@ -46,10 +50,13 @@ __all__ = [
     "hidden_activations",
     "identity_permutation",
     "invert_permutation",
+    "loss_barrier",
+    "random_pairs",
     "random_permutation",
     "random_scales",
     "rescale_neurons",
     "solve_assignments",
     "to_canonical",
     "weight_matching",
+    "zoo_barrier",
 ]
