@@ -1,0 +1,418 @@
+"""Relational Transformer with edge updates over the sparse neural graph: the vector field of weight flows.
+
+Architecture (Diao & Loynd 2023; Kofinas et al. 2024, neural graphs), for a batch of networks of one spec:
+
+- **Inputs.** ``x: (B, D + n_globals)``: spec-ordered flat parameters (weights → edge features, biases → node
+  features, see :mod:`metaflow_ws.graph`) and ``n_globals`` trailing global coordinates (e.g. ``log_scale``).
+  Values are embedded per layer (``value · w_layer``), plus learned positional embeddings: one per neuron layer
+  for nodes, one per linear layer for edges, and one per index for input and output neurons (hidden neurons
+  are exchangeable and only get their layer's embedding). Global coordinates are embedded and added to every
+  node and edge.
+- **Conditioning.** ``c = MLP(sinusoidal(t)) + Linear_0(cond)`` (the task-embedding projection is
+  zero-initialised, so ``cond`` starts as the identity). Every layer norm of nodes and edges is followed by a
+  FiLM ``(1 + γ(c)) · x̂ + β(c)`` (adaLN), so time and task condition every node and edge feature.
+- **Layers** (pre-LN, ``num_layers`` times):
+
+  1. *attention over existing edges*: each node attends over its incoming and outgoing edges (the graph is
+     used undirected, with separate key/value/score maps per direction). The score of a message from node
+     ``j`` to node ``i`` over edge ``e`` is ``q_i · k_j / sqrt(d_head) + s(e)`` and its value ``v_j + v(e)``;
+     softmax per receiving node over all its messages; ``h ← h + W_o · attn``;
+  2. *node MLP*: ``h ← h + MLP(FiLM(LN(h)))`` (GELU, width ``4 d``);
+  3. *edge update* from (target node, source node, edge): ``e ← e + W_2 GELU(A FiLM(LN(e)) + B h'_tgt + C h'_src)``
+     with ``h' = FiLM(LN(h))`` (the concatenation MLP of the Relational Transformer, factorized so that no
+     per-edge concatenation is materialized).
+- **Heads.** Per-layer linear heads predict x1 for every weight (edges) and bias (non-input nodes); the globals
+  are predicted from mean-pooled node and edge features.
+
+Message passing is O(E) in time and memory; no N×N tensor is ever built. Two interchangeable aggregation
+backends compute the same function (tested equal):
+
+- ``"blocks"`` (default): uses that the edges of linear layer ``i`` are exactly ``n_{i+1} × n_i`` (every
+  weight exists), so scores and aggregations are batched matrix products on ``(B, n_{i+1}, n_i)`` edge blocks;
+- ``"scatter"``: generic message passing over ``edge_index`` with ``index_select`` / ``index_add`` on the
+  node dim and :func:`torch_geometric.utils.softmax` (works for any sparse graph).
+
+Everything is vectorized over the batch (leading dim), the only Python loops run over target-network layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from metaflow_ws.graph.neural_graph import neural_graph
+from metaflow_ws.nets.spec import NetworkSpec
+
+__all__ = ["Backend", "RelationalTransformer", "sinusoidal_embedding"]
+
+Backend = Literal["blocks", "scatter"]
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1_000.0) -> Tensor:
+    """Transformer-style features of ``t: (B,)`` in ``[0, 1]``: ``(B, dim)`` cosines and sines of ``scale · t``
+    at geometrically spaced frequencies (``dim`` even or odd; an odd last column is zero)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=t.dtype, device=t.device) / max(half, 1))
+    args = (scale * t)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+def _film_linear(x_hat: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``Linear((1 + γ) ⊙ x_hat + β)`` with the per-sample FiLM folded into the weights (one ``baddbmm``).
+
+    ``x_hat: (B, M, d)`` (layer-normalized), ``gamma, beta: (B, d)``, ``weight: (k, d)``, ``bias: (k,)``
+    → ``(B, M, k)``.
+    """
+    w_b = (1.0 + gamma).unsqueeze(-1) * weight.t().unsqueeze(0)  # (B, d, k)
+    b_b = beta @ weight.t()
+    if bias is not None:
+        b_b = b_b + bias
+    return torch.baddbmm(b_b.unsqueeze(1), x_hat, w_b)
+
+
+class _Topology(nn.Module):
+    """Index buffers and layer offsets of the neural graph (moves with the model's ``.to(device)``)."""
+
+    def __init__(self, spec: NetworkSpec) -> None:
+        super().__init__()
+        g = neural_graph(spec)
+        self.widths = spec.widths
+        self.node_offsets = g.node_offsets
+        self.edge_offsets = g.edge_offsets
+        self.num_nodes = g.num_nodes
+        self.num_edges = g.num_edges
+        self.register_buffer("source", g.source.clone(), persistent=False)
+        self.register_buffer("target", g.target.clone(), persistent=False)
+        self.register_buffer("receivers", torch.cat([g.target, g.source]), persistent=False)
+        self.register_buffer("node_layer", g.node_layer.clone(), persistent=False)
+        self.register_buffer("edge_layer", g.edge_layer.clone(), persistent=False)
+
+
+# ------------------------------------------------------------------------------------- aggregation backends
+def _attend_scatter(
+    topo: _Topology, q: Tensor, kf: Tensor, kb: Tensor, vf: Tensor, vb: Tensor, sf: Tensor, sb: Tensor, ve: Tensor
+) -> Tensor:
+    """Generic sparse attention over ``edge_index``.
+
+    Node tensors ``q, kf, kb, vf, vb: (B, N, H, dh)`` (query; key/value when sending forward to a target /
+    backward to a source), edge tensors ``sf, sb: (B, E, H)`` (score terms of the forward/backward message),
+    ``ve: (B, E, H, dh)`` (value term) → ``(B, N, H, dh)``.
+    """
+    from torch_geometric.utils import softmax
+
+    src, tgt = topo.source, topo.target
+    scale = q.shape[-1] ** -0.5
+    s_f = (q.index_select(1, tgt) * kf.index_select(1, src)).sum(-1) * scale + sf
+    s_b = (q.index_select(1, src) * kb.index_select(1, tgt)).sum(-1) * scale + sb
+    alpha = softmax(torch.cat([s_f, s_b], 1), topo.receivers, num_nodes=topo.num_nodes, dim=1)
+    a_f, a_b = alpha.split(topo.num_edges, dim=1)
+    msg_f = a_f.unsqueeze(-1) * (vf.index_select(1, src) + ve)
+    msg_b = a_b.unsqueeze(-1) * (vb.index_select(1, tgt) + ve)
+    return torch.zeros_like(q).index_add(1, tgt, msg_f).index_add(1, src, msg_b)
+
+
+def _attend_blocks(
+    topo: _Topology, q: Tensor, kf: Tensor, kb: Tensor, vf: Tensor, vb: Tensor, sf: Tensor, sb: Tensor, ve: Tensor
+) -> Tensor:
+    """Same as :func:`_attend_scatter`, computed on the complete bipartite edge block of every linear layer.
+
+    Tensors are cut per layer with ``split`` (whose backward is one concatenation) rather than slicing (whose
+    backward would zero-fill a full-size gradient per slice).
+    """
+    b, _, h, dh = q.shape
+    w = topo.widths
+    n_layers = len(w) - 1
+    scale = dh**-0.5
+    n_sizes = list(w)
+    e_sizes = [w[i] * w[i + 1] for i in range(n_layers)]
+    q_, kf_, kb_, vf_, vb_ = (t.split(n_sizes, dim=1) for t in (q, kf, kb, vf, vb))
+    sf_, sb_, ve_ = (t.split(e_sizes, dim=1) for t in (sf, sb, ve))
+    s_in, s_out, v_e = [], [], []
+    for i in range(n_layers):
+        shape = (b, w[i + 1], w[i], h)
+        # forward messages: target r (layer i+1) receives from source c (layer i); backward: c receives from r
+        s_in.append(torch.einsum("brhd,bchd->brch", q_[i + 1], kf_[i]) * scale + sf_[i].reshape(shape))
+        s_out.append(torch.einsum("bchd,brhd->brch", q_[i], kb_[i + 1]) * scale + sb_[i].reshape(shape))
+        v_e.append(ve_[i].reshape(*shape, dh))
+    # per-node softmax over incoming (block l-1, over c) and outgoing (block l, over r) messages
+    m = []
+    for l in range(n_layers + 1):
+        parts = ([s_in[l - 1].amax(2)] if l > 0 else []) + ([s_out[l].amax(1)] if l < n_layers else [])
+        m.append((parts[0] if len(parts) == 1 else torch.maximum(*parts)).detach())  # (B, n_l, H)
+    p_in = [torch.exp(s_in[i] - m[i + 1].unsqueeze(2)) for i in range(n_layers)]
+    p_out = [torch.exp(s_out[i] - m[i].unsqueeze(1)) for i in range(n_layers)]
+    z = []
+    for l in range(n_layers + 1):
+        parts = ([p_in[l - 1].sum(2)] if l > 0 else []) + ([p_out[l].sum(1)] if l < n_layers else [])
+        z.append(parts[0] if len(parts) == 1 else parts[0] + parts[1])
+    agg: list[Tensor | None] = [None] * (n_layers + 1)
+    for i in range(n_layers):
+        a_in = p_in[i] / z[i + 1].unsqueeze(2)  # (B, n_out, n_in, H)
+        a_out = p_out[i] / z[i].unsqueeze(1)
+        # receiver r: Σ_c a_in[r, c] (vf[c] + ve[r, c]);  receiver c: Σ_r a_out[r, c] (vb[r] + ve[r, c])
+        to_tgt = torch.einsum("brch,bchd->brhd", a_in, vf_[i]) + torch.matmul(
+            a_in.permute(0, 1, 3, 2).unsqueeze(-2), v_e[i].permute(0, 1, 3, 2, 4)
+        ).squeeze(-2)
+        to_src = torch.einsum("brch,brhd->bchd", a_out, vb_[i + 1]) + (a_out.unsqueeze(-1) * v_e[i]).sum(1)
+        agg[i + 1] = to_tgt if agg[i + 1] is None else agg[i + 1] + to_tgt
+        agg[i] = to_src if agg[i] is None else agg[i] + to_src
+    return torch.cat(agg, 1)  # type: ignore[arg-type]
+
+
+def _pair_scatter(topo: _Topology, pre: Tensor, a_tgt: Tensor, a_src: Tensor) -> Tensor:
+    """``pre[e] + a_tgt[target(e)] + a_src[source(e)]``: ``(B, E, k), (B, N, k), (B, N, k) → (B, E, k)``."""
+    return pre + a_tgt.index_select(1, topo.target) + a_src.index_select(1, topo.source)
+
+
+def _pair_blocks(topo: _Topology, pre: Tensor, a_tgt: Tensor, a_src: Tensor) -> Tensor:
+    """Block version of :func:`_pair_scatter` (broadcast over each ``(n_{i+1}, n_i)`` edge block)."""
+    b, _, k = pre.shape
+    w = topo.widths
+    n_layers = len(w) - 1
+    pre_ = pre.split([w[i] * w[i + 1] for i in range(n_layers)], dim=1)
+    at_, as_ = a_tgt.split(list(w), dim=1), a_src.split(list(w), dim=1)
+    out = []
+    for i in range(n_layers):
+        out_i = pre_[i].reshape(b, w[i + 1], w[i], k) + at_[i + 1].unsqueeze(2)
+        out.append(out_i.add_(as_[i].unsqueeze(1)).reshape(b, -1, k))
+    return torch.cat(out, 1) if n_layers > 1 else out[0]
+
+
+_BACKENDS = {"blocks": (_attend_blocks, _pair_blocks), "scatter": (_attend_scatter, _pair_scatter)}
+
+
+# ----------------------------------------------------------------------------------------------- layers
+class RTLayer(nn.Module):
+    """One pre-LN Relational Transformer layer: sparse attention → node MLP → edge update (see module doc).
+
+    Node features have width ``d_model``, edge features ``d_edge``. Edge-side cost dominates (E ≫ N), so the
+    per-edge work is one layer norm, one batched product for all edge terms (the FiLM scale is folded into
+    per-sample weights; the FiLM shift and the biases move to node-level terms, which is exact because the
+    attention weights of a node sum to one and the edge MLP adds node terms anyway), the aggregation, and the
+    edge MLP.
+    """
+
+    def __init__(self, d_model: int, d_edge: int, heads: int, d_edge_hidden: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        d, de, k = d_model, d_edge, d_edge_hidden
+        self.d, self.de, self.heads, self.dh, self.k = d, de, heads, d // heads, k
+        self.node_norm = nn.LayerNorm(d)
+        self.node_qkv = nn.Linear(d, 5 * d)  # q, k_fwd, k_bwd, v_fwd, v_bwd
+        self.edge_norm = nn.LayerNorm(de)
+        self.edge_in = nn.Linear(de, 2 * heads + d + k)  # score fwd/bwd, value, edge-MLP input
+        self.node_out = nn.Linear(d, d)
+        self.mlp_norm = nn.LayerNorm(d)
+        self.mlp_in = nn.Linear(d, mlp_ratio * d)
+        self.mlp_out = nn.Linear(mlp_ratio * d, d)
+        self.update_norm = nn.LayerNorm(d)
+        self.edge_nodes = nn.Linear(d, 2 * k)  # target / source terms of the edge MLP
+        self.edge_out = nn.Linear(k, de, bias=False)
+        # FiLM (γ, β) after the node-attention, edge, node-MLP and node-for-edge-update norms
+        self.mod = nn.Linear(d, 6 * d + 2 * de)
+        nn.init.normal_(self.mod.weight, std=0.02)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, h: Tensor, e: Tensor, c: Tensor, topo: _Topology, backend: str) -> tuple[Tensor, Tensor]:
+        """``h: (B, N, d_model)``, ``e: (B, E, d_edge)``, ``c: (B, d_model)`` (activated conditioning)
+        → updated ``(h, e)``."""
+        attend, pair = _BACKENDS[backend]
+        b, n, d = h.shape
+        de, hh, dh, k = self.de, self.heads, self.dh, self.k
+        m_att, m_edge, m_mlp, m_upd = self.mod(c).unsqueeze(1).split([2 * d, 2 * de, 2 * d, 2 * d], dim=-1)
+        # 1. attention over incoming and outgoing edges
+        g, s = m_att.chunk(2, dim=-1)
+        q, kf, kb, vf, vb = self.node_qkv(torch.addcmul(s, self.node_norm(h), 1.0 + g)).split(d, dim=-1)
+        g, s = m_edge.squeeze(1).chunk(2, dim=-1)
+        w_in = self.edge_in.weight  # (2H + d + k, de)
+        scale_w = (1.0 + g).unsqueeze(-1) * w_in.t().unsqueeze(0)  # (B, de, 2H + d + k), column-major
+        shift = s @ w_in.t() + self.edge_in.bias  # (B, 2H + d + k): FiLM shift and bias, applied at node level
+        s_e, ve, pre = torch.bmm(self.edge_norm(e), scale_w).split([2 * hh, d, k], dim=-1)
+        s_shift, v_shift, pre_shift = shift.split([2 * hh, d, k], dim=-1)
+        sf, sb = (s_e + s_shift[:, None]).split(hh, dim=-1)
+        vf = vf + v_shift[:, None]  # attention weights sum to 1 per node: the value shift is exact at nodes
+        vb = vb + v_shift[:, None]
+        heads = (t.reshape(b, n, hh, dh) for t in (q, kf, kb, vf, vb))
+        attn = attend(topo, *heads, sf, sb, ve.reshape(b, -1, hh, dh)).reshape(b, n, d)
+        h = h + self.node_out(attn)
+        # 2. node MLP
+        g, s = m_mlp.chunk(2, dim=-1)
+        h = h + self.mlp_out(F.gelu(self.mlp_in(torch.addcmul(s, self.mlp_norm(h), 1.0 + g))))
+        # 3. edge update from (target node, source node, edge)
+        g, s = m_upd.chunk(2, dim=-1)
+        a_tgt, a_src = self.edge_nodes(torch.addcmul(s, self.update_norm(h), 1.0 + g)).split(k, dim=-1)
+        hidden = F.gelu(pair(topo, pre, a_tgt + pre_shift[:, None], a_src))
+        e = torch.addmm(e.reshape(-1, de), hidden.reshape(-1, k), self.edge_out.weight.t()).view(e.shape)
+        return h, e
+
+
+class RelationalTransformer(nn.Module):
+    """Vector field over the weights of networks of ``spec`` (predicts x1 in the input's flat layout).
+
+    Args:
+        spec: architecture of the generated networks.
+        d_model: width of node features (and of edge features unless ``d_edge`` is given; thesis: 32 or 64).
+        num_layers: number of :class:`RTLayer` s (thesis: 5).
+        heads: attention heads (``d_model`` must be divisible by it; thesis: 1).
+        n_globals: trailing global Euclidean coordinates of ``x`` (e.g. 1 for ``log_scale``).
+        cond_dim: size of the task embedding ``cond`` (0: no conditioning).
+        d_edge: width of edge features (default ``d_model``). Edge work dominates the cost (E ≫ N), so
+            ``d_edge < d_model`` is the cheap way to a smaller model (the thesis's d_E).
+        d_edge_hidden: hidden width of the edge-update MLP (default ``d_edge``).
+        backend: ``"blocks"`` (fast, layer-block batched products) or ``"scatter"`` (generic ``edge_index``
+            message passing); both compute the same function.
+        checkpoint: recompute each layer in the backward pass (activation checkpointing) to cut training
+            memory roughly by the number of layers, at ~30 % more compute (use for 784-input networks).
+    """
+
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        *,
+        d_model: int = 64,
+        num_layers: int = 5,
+        heads: int = 1,
+        n_globals: int = 0,
+        cond_dim: int = 0,
+        d_edge: int | None = None,
+        d_edge_hidden: int | None = None,
+        backend: Backend = "blocks",
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        de = d_model if d_edge is None else int(d_edge)
+        k = de if d_edge_hidden is None else int(d_edge_hidden)
+        if min(d_model, de, k, heads) <= 0 or num_layers < 0 or n_globals < 0 or cond_dim < 0:
+            raise ValueError(
+                "expected positive d_model, d_edge, d_edge_hidden, heads and non-negative num_layers, n_globals, "
+                f"cond_dim; got d_model={d_model}, d_edge={de}, d_edge_hidden={k}, heads={heads}, "
+                f"num_layers={num_layers}, n_globals={n_globals}, cond_dim={cond_dim}"
+            )
+        if d_model % heads:
+            raise ValueError(f"d_model must be divisible by heads; got d_model={d_model}, heads={heads}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(_BACKENDS)}")
+        self.spec = spec
+        self.d_model, self.d_edge, self.heads = d_model, de, heads
+        self.n_globals, self.cond_dim = n_globals, cond_dim
+        self.backend: str = backend
+        self.checkpoint = checkpoint
+        self.topo = _Topology(spec)
+        d, n_lin = d_model, spec.num_layers
+        # input embeddings: per-layer value maps and positional embeddings
+        self.node_value = nn.Parameter(torch.randn(n_lin + 1, d))
+        self.node_layer_emb = nn.Parameter(0.5 * torch.randn(n_lin + 1, d))
+        self.input_emb = nn.Parameter(0.5 * torch.randn(spec.in_features, d))
+        self.output_emb = nn.Parameter(0.5 * torch.randn(spec.out_features, d))
+        self.edge_value = nn.Parameter(torch.randn(n_lin, de))
+        self.edge_layer_emb = nn.Parameter(0.5 * torch.randn(n_lin, de))
+        self.globals_in = nn.Linear(n_globals, d + de) if n_globals else None
+        # conditioning: time (+ zero-initialised task embedding)
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.cond_in = nn.Linear(cond_dim, d) if cond_dim else None
+        if self.cond_in is not None:
+            nn.init.zeros_(self.cond_in.weight)
+            nn.init.zeros_(self.cond_in.bias)
+        self.layers = nn.ModuleList(RTLayer(d, de, heads, k) for _ in range(num_layers))
+        # heads: per-layer linear readouts, and pooled globals
+        self.final_node_norm = nn.LayerNorm(d)
+        self.final_edge_norm = nn.LayerNorm(de)
+        self.final_mod = nn.Linear(d, 2 * d + 2 * de)
+        nn.init.normal_(self.final_mod.weight, std=0.02)
+        nn.init.zeros_(self.final_mod.bias)
+        self.edge_head = nn.Linear(de, n_lin)  # column i: weights of layers.i
+        self.node_head = nn.Linear(d, n_lin + 1)  # column l: biases of neuron layer l (l ≥ 1)
+        self.globals_out = (
+            nn.Sequential(nn.Linear(d + de, d), nn.GELU(), nn.Linear(d, n_globals)) if n_globals else None
+        )
+
+    # ---------------------------------------------------------------------------------------- helpers
+    @property
+    def dim(self) -> int:
+        """Length of the flat input/output: ``D + n_globals``."""
+        return self.spec.num_params + self.n_globals
+
+    def _node_positions(self) -> Tensor:
+        """``(N, d)`` positional embeddings: layer embedding, plus index embeddings on input/output neurons."""
+        pos = self.node_layer_emb[self.topo.node_layer]
+        n_in, n_out = self.spec.in_features, self.spec.out_features
+        return torch.cat([pos[:n_in] + self.input_emb, pos[n_in:-n_out], pos[-n_out:] + self.output_emb], 0)
+
+    def _check_inputs(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(
+                f"x must have shape (B, {self.dim}) = (B, D + n_globals) for {self.spec.describe()} with "
+                f"n_globals={self.n_globals}; got {tuple(x.shape)}"
+            )
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        elif t.dim() == 2 and t.shape[1] == 1:
+            t = t.squeeze(1)
+        if t.shape != (b,):
+            raise ValueError(f"t must have shape ({b},) (or be a scalar); got {tuple(t.shape)}")
+        if cond is not None:
+            if self.cond_in is None:
+                raise ValueError("this model was built with cond_dim=0 but got a cond tensor")
+            if cond.shape != (b, self.cond_dim):
+                raise ValueError(f"cond must have shape ({b}, {self.cond_dim}); got {tuple(cond.shape)}")
+        return t, cond
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+        """Predict x1.
+
+        Args:
+            x: ``(B, D + n_globals)`` spec-ordered flat parameters followed by the global coordinates.
+            t: ``(B,)`` flow time in ``[0, 1]`` (a scalar is broadcast).
+            cond: ``(B, cond_dim)`` task embedding, or None (treated as zeros).
+
+        Returns:
+            ``(B, D + n_globals)`` in the same layout.
+        """
+        t, cond = self._check_inputs(x, t, cond)
+        topo, spec = self.topo, self.spec
+        b, d, big_d = x.shape[0], self.d_model, spec.num_params
+        # conditioning vector
+        c = self.time_mlp(sinusoidal_embedding(t, d))
+        if cond is not None and self.cond_in is not None:
+            c = c + self.cond_in(cond)
+        c = F.gelu(c)
+        # graph features: values embedded per layer, plus positions and globals
+        off = spec.offsets
+        edges_x = torch.cat([x[:, slice(*off[f"layers.{i}.weight"])] for i in range(spec.num_layers)], 1)
+        bias_x = torch.cat([x[:, slice(*off[f"layers.{i}.bias"])] for i in range(spec.num_layers)], 1)
+        nodes_x = torch.cat([x.new_zeros(b, spec.in_features), bias_x], 1)
+        node_base = self._node_positions().unsqueeze(0)
+        edge_base = self.edge_layer_emb[topo.edge_layer].unsqueeze(0)
+        if self.globals_in is not None:
+            g_node, g_edge = self.globals_in(x[:, big_d:]).unsqueeze(1).split([d, self.d_edge], dim=-1)
+            node_base, edge_base = node_base + g_node, edge_base + g_edge
+        h = torch.addcmul(node_base, nodes_x.unsqueeze(-1), self.node_value[topo.node_layer])
+        e = torch.addcmul(edge_base, edges_x.unsqueeze(-1), self.edge_value[topo.edge_layer])
+        # layers
+        for layer in self.layers:
+            if self.checkpoint and torch.is_grad_enabled():
+                h, e = _checkpoint(layer, h, e, c, topo, self.backend, use_reentrant=False)
+            else:
+                h, e = layer(h, e, c, topo, self.backend)
+        # readout
+        g_n, s_n, g_e, s_e = self.final_mod(c).split([d, d, self.d_edge, self.d_edge], dim=-1)
+        h_hat, e_hat = self.final_node_norm(h), self.final_edge_norm(e)
+        node_out = _film_linear(h_hat, g_n, s_n, self.node_head.weight, self.node_head.bias)  # (B, N, L+1)
+        edge_out = _film_linear(e_hat, g_e, s_e, self.edge_head.weight, self.edge_head.bias)  # (B, E, L)
+        parts = []
+        for i in range(spec.num_layers):
+            parts.append(edge_out[:, topo.edge_offsets[i] : topo.edge_offsets[i + 1], i])
+            parts.append(node_out[:, topo.node_offsets[i + 1] : topo.node_offsets[i + 2], i + 1])
+        if self.globals_out is not None:
+            pooled_h = h_hat.mean(1) * (1 + g_n) + s_n
+            pooled_e = e_hat.mean(1) * (1 + g_e) + s_e
+            parts.append(self.globals_out(torch.cat([pooled_h, pooled_e], -1)))
+        return torch.cat(parts, 1)

@@ -1,0 +1,200 @@
+"""Relational Transformer vector field: equivariance (and its sensitivity), conditioning, gradients, sparsity."""
+
+import pytest
+import torch
+
+from metaflow_ws.graph import neural_graph
+from metaflow_ws.models import RelationalTransformer, sinusoidal_embedding
+from metaflow_ws.nets import NetworkSpec
+
+F64 = torch.float64
+SPEC = NetworkSpec((5, 4, 3, 2))
+BACKENDS = ["blocks", "scatter"]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _model(spec=SPEC, seed=0, **kw) -> RelationalTransformer:
+    torch.manual_seed(seed)  # nn.Module initialisation draws from the global generator
+    kw = {"d_model": 16, "num_layers": 2} | kw
+    return RelationalTransformer(spec, **kw).to(F64)
+
+
+def _inputs(spec, batch, n_globals=0, seed=1):
+    g = _gen(seed)
+    x = torch.randn(batch, spec.num_params + n_globals, generator=g, dtype=F64)
+    t = torch.rand(batch, generator=g, dtype=F64)
+    return x, t
+
+
+def _permute_flat(spec, x, perms, coupled=True):
+    """Permute hidden neurons in flat coordinates (globals untouched). ``coupled=False`` permutes the rows of
+    W_{l-1} and b_{l-1} but not the columns of W_l — a wrong permutation that changes the network's function."""
+    d = spec.num_params
+    p = dict(spec.unflatten(x[:, :d]))
+    for layer, perm in perms.items():
+        p[f"layers.{layer - 1}.weight"] = p[f"layers.{layer - 1}.weight"][:, perm]
+        p[f"layers.{layer - 1}.bias"] = p[f"layers.{layer - 1}.bias"][:, perm]
+        if coupled:
+            p[f"layers.{layer}.weight"] = p[f"layers.{layer}.weight"][:, :, perm]
+    return torch.cat([spec.flatten(p), x[:, d:]], dim=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_globals,cond_dim", [(0, 0), (1, 3)])
+def test_output_shape_and_dtype(backend, n_globals, cond_dim):
+    m = _model(n_globals=n_globals, cond_dim=cond_dim, backend=backend)
+    x, t = _inputs(SPEC, 3, n_globals)
+    cond = torch.randn(3, cond_dim, dtype=F64) if cond_dim else None
+    y = m(x, t, cond)
+    assert y.shape == x.shape == (3, SPEC.num_params + n_globals) and y.dtype == F64
+    assert torch.isfinite(y).all()
+    assert m.dim == SPEC.num_params + n_globals
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equivariant_to_hidden_permutations(backend):
+    spec = NetworkSpec((5, 4, 3, 3, 2))
+    m = _model(spec, n_globals=1, cond_dim=2, heads=2, d_edge=8, backend=backend)
+    with torch.no_grad():  # make the conditioning path non-trivial too
+        m.cond_in.weight.normal_(generator=_gen(5))
+    x, t = _inputs(spec, 3, 1)
+    cond = torch.randn(3, 2, generator=_gen(6), dtype=F64)
+    g = _gen(7)
+    perms = {l: torch.randperm(spec.widths[l], generator=g) for l in (1, 2, 3)}
+    y = m(x, t, cond)
+    y_perm = m(_permute_flat(spec, x, perms), t, cond)
+    torch.testing.assert_close(y_perm, _permute_flat(spec, y, perms), rtol=0, atol=1e-10)
+    assert (y_perm - y).abs().max() > 1e-3  # the permutation did move things
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uncoupled_permutation_changes_output(backend):
+    m = _model(backend=backend)
+    x, t = _inputs(SPEC, 2)
+    perms = {1: torch.tensor([1, 0, 3, 2])}
+    y = m(x, t)
+    y_wrong = m(_permute_flat(SPEC, x, perms, coupled=False), t)
+    assert (y_wrong - _permute_flat(SPEC, y, perms, coupled=False)).abs().max() > 1e-3
+    assert (y_wrong - _permute_flat(SPEC, y, perms)).abs().max() > 1e-3
+
+
+def test_input_and_output_neurons_are_not_exchangeable():
+    """Inputs and outputs have fixed identities: permuting input features is not a symmetry of the model."""
+    m = _model()
+    x, t = _inputs(SPEC, 2)
+    p = dict(SPEC.unflatten(x))
+    perm = torch.tensor([1, 0, 2, 3, 4])
+    p["layers.0.weight"] = p["layers.0.weight"][:, :, perm]
+    y_perm = SPEC.unflatten(m(SPEC.flatten(p), t))["layers.0.weight"][:, :, perm]  # undo on the output
+    assert (y_perm - SPEC.unflatten(m(x, t))["layers.0.weight"]).abs().max() > 1e-3
+
+
+def test_backends_compute_the_same_function():
+    spec = NetworkSpec((6, 5, 4, 3))
+    a = _model(spec, n_globals=1, heads=4, d_edge=12, d_edge_hidden=20, backend="blocks")
+    b = _model(spec, n_globals=1, heads=4, d_edge=12, d_edge_hidden=20, backend="scatter")
+    b.load_state_dict(a.state_dict())
+    x, t = _inputs(spec, 4, 1)
+    torch.testing.assert_close(a(x, t), b(x, t), rtol=0, atol=1e-12)
+    ga = torch.autograd.grad(a(x, t).square().sum(), list(a.parameters()))
+    gb = torch.autograd.grad(b(x, t).square().sum(), list(b.parameters()))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+
+
+def test_time_changes_output():
+    m = _model()
+    x, t = _inputs(SPEC, 2)
+    assert (m(x, t) - m(x, t + 0.3)).abs().max() > 1e-4
+    # a scalar t is broadcast over the batch
+    torch.testing.assert_close(m(x, 0.25), m(x, torch.full((2,), 0.25, dtype=F64)))
+
+
+def test_cond_starts_as_identity_and_then_matters():
+    m = _model(cond_dim=3)
+    x, t = _inputs(SPEC, 2)
+    cond = torch.randn(2, 3, generator=_gen(2), dtype=F64)
+    y0 = m(x, t)
+    assert torch.equal(m(x, t, cond), y0)  # zero-initialised FiLM hook
+    torch.testing.assert_close(m(x, t, torch.zeros(2, 3, dtype=F64)), y0)
+    # one optimizer step on a cond-dependent loss makes cond matter
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(x, t, cond).square().sum().backward()
+    assert m.cond_in.weight.grad.abs().max() > 0
+    opt.step()
+    assert (m(x, t, cond) - m(x, t)).abs().max() > 1e-6
+    assert (m(x, t, cond) - m(x, t, -cond)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_reach_every_parameter(backend):
+    m = _model(n_globals=1, cond_dim=2, backend=backend)
+    x, t = _inputs(SPEC, 3, 1)
+    x.requires_grad_(True)
+    m(x, t, torch.randn(3, 2, dtype=F64)).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+    assert x.grad.abs().max() > 0
+
+
+def test_checkpointing_matches_plain_backward():
+    a = _model(checkpoint=False)
+    b = _model(checkpoint=True)
+    b.load_state_dict(a.state_dict())
+    x, t = _inputs(SPEC, 2)
+    ya, yb = a(x, t), b(x, t)
+    torch.testing.assert_close(ya, yb)
+    ga = torch.autograd.grad(ya.sum(), list(a.parameters()))
+    gb = torch.autograd.grad(yb.sum(), list(b.parameters()))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v)
+
+
+def test_mnist_sized_graph_stays_sparse():
+    """784-10-10 (7,940 edges, 804 nodes) trains without any N×N-sized tensor."""
+    spec = NetworkSpec((784, 10, 10))
+    g = neural_graph(spec)
+    n, e, b, d = g.num_nodes, g.num_edges, 2, 8
+    torch.manual_seed(0)
+    m = RelationalTransformer(spec, d_model=d, num_layers=1, n_globals=1)
+    x = torch.randn(b, spec.num_params + 1)
+    t = torch.rand(b)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        y = m(x, t)
+        y.square().mean().backward()
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    largest = max(
+        (torch.Size(s).numel() for ev in prof.events() for s in ev.input_shapes if isinstance(s, list) and s),
+        default=0,
+    )
+    assert largest <= 4 * b * e * d  # O(E·d) …
+    assert largest < b * n * n  # … far from one N×N matrix per network
+
+
+def test_sinusoidal_embedding():
+    t = torch.tensor([0.0, 0.5, 1.0])
+    emb = sinusoidal_embedding(t, 7)
+    assert emb.shape == (3, 7) and torch.all(emb[:, -1] == 0)
+    torch.testing.assert_close(emb[0, :3], torch.ones(3))  # cos(0)
+
+
+def test_errors_name_expected_and_got():
+    m = _model(n_globals=1)
+    x, t = _inputs(SPEC, 2, 1)
+    with pytest.raises(ValueError, match=rf"\(B, {SPEC.num_params + 1}\).*got \(2, {SPEC.num_params}\)"):
+        m(x[:, :-1], t)
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\).*got \(3,\)"):
+        m(x, torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match="cond_dim=0"):
+        m(x, t, torch.zeros(2, 1, dtype=F64))
+    with pytest.raises(ValueError, match=r"cond must have shape \(2, 3\).*got \(2, 4\)"):
+        _model(cond_dim=3)(x[:, :-1], t, torch.zeros(2, 4, dtype=F64))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        RelationalTransformer(SPEC, d_model=10, heads=3)
+    with pytest.raises(ValueError, match="unknown backend"):
+        RelationalTransformer(SPEC, backend="dense")
