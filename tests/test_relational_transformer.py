@@ -5,6 +5,7 @@ import torch
 
 from metaflow_ws.graph import neural_graph
 from metaflow_ws.models import RelationalTransformer, sinusoidal_embedding
+from metaflow_ws.models import relational_transformer as rt_module
 from metaflow_ws.nets import NetworkSpec
 
 F64 = torch.float64
@@ -127,6 +128,7 @@ def test_cond_starts_as_identity_and_then_matters():
     opt.step()
     assert (m(x, t, cond) - m(x, t)).abs().max() > 1e-6
     assert (m(x, t, cond) - m(x, t, -cond)).abs().max() > 1e-6
+    torch.testing.assert_close(m(x, t), m(x, t, torch.zeros(2, 3, dtype=F64)))  # None means zeros
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,17 +144,36 @@ def test_gradients_reach_every_parameter(backend):
     assert x.grad.abs().max() > 0
 
 
-def test_checkpointing_matches_plain_backward():
+def test_checkpointing_matches_plain_backward(monkeypatch):
     a = _model(checkpoint=False)
     b = _model(checkpoint=True)
+    c = _model(checkpoint="auto")
     b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
     x, t = _inputs(SPEC, 2)
-    ya, yb = a(x, t), b(x, t)
+    calls = []
+    real = rt_module._checkpoint
+    monkeypatch.setattr(rt_module, "_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ya = a(x, t)
+    assert not calls
+    yb = b(x, t)
+    assert len(calls) == 2  # one per layer
     torch.testing.assert_close(ya, yb)
     ga = torch.autograd.grad(ya.sum(), list(a.parameters()))
     gb = torch.autograd.grad(yb.sum(), list(b.parameters()))
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v)
+    # "auto": off for small graphs, on once B·E·d_edge reaches the threshold
+    calls.clear()
+    c(x, t)
+    assert not calls
+    monkeypatch.setattr(rt_module, "AUTO_CHECKPOINT_ELEMENTS", 1)
+    torch.testing.assert_close(c(x, t), ya)
+    assert len(calls) == 2
+    calls.clear()
+    with torch.no_grad():
+        c(x, t)
+    assert not calls  # never when no gradients are recorded
 
 
 def test_mnist_sized_graph_stays_sparse():
@@ -198,3 +219,5 @@ def test_errors_name_expected_and_got():
         RelationalTransformer(SPEC, d_model=10, heads=3)
     with pytest.raises(ValueError, match="unknown backend"):
         RelationalTransformer(SPEC, backend="dense")
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        RelationalTransformer(SPEC, checkpoint="sometimes")

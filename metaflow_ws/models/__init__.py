@@ -1,5 +1,11 @@
 """Vector-field models over neural graphs."""
 
-from metaflow_ws.models.relational_transformer import Backend, RelationalTransformer, RTLayer, sinusoidal_embedding
+from metaflow_ws.models.relational_transformer import (
+    AUTO_CHECKPOINT_ELEMENTS,
+    Backend,
+    RelationalTransformer,
+    RTLayer,
+    sinusoidal_embedding,
+)
 
-__all__ = ["Backend", "RTLayer", "RelationalTransformer", "sinusoidal_embedding"]
+__all__ = ["AUTO_CHECKPOINT_ELEMENTS", "Backend", "RTLayer", "RelationalTransformer", "sinusoidal_embedding"]
