@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from metaflow_ws.flows.flow import WeightFlow
 
@@ -43,17 +43,24 @@ class SampleConfig:
 
 
 def guidance_gradient(flow: WeightFlow, x: Tensor, xb: Tensor, yb: Tensor, kind: str) -> Tensor:
-    """``∇_x L_task(decode(x))`` for every sample (``x: [B, dim]`` → ``[B, dim]``), with vmap over samples."""
+    """``∇_x L_task(decode(x))`` for every sample (``x: [B, dim]`` → ``[B, dim]``).
+
+    The batch is decoded once (differentiably), the per-network task losses are computed with ``vmap`` over the
+    decoded networks, and one backward pass of their sum gives every sample's gradient (the networks are
+    independent, so the sum's gradient w.r.t. sample i is the gradient of loss i).
+    """
     from metaflow_ws.train.losses import prediction_loss
 
-    spec, coords = flow.spec, flow.coords
+    spec = flow.spec
 
-    def loss_one(xi: Tensor) -> Tensor:
-        params = {k: v[0] for k, v in coords.decode(xi.unsqueeze(0)).items()}
+    def loss_one(params: dict[str, Tensor]) -> Tensor:
         return prediction_loss(spec.forward(params, xb), yb, kind)
 
     with torch.enable_grad():
-        return vmap(grad(loss_one))(x.detach())
+        xg = x.detach().requires_grad_(True)
+        losses = vmap(loss_one)(flow.decode(xg))
+        (g,) = torch.autograd.grad(losses.sum(), xg)
+    return g
 
 
 @torch.no_grad()

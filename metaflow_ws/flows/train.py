@@ -154,7 +154,7 @@ def train_flow(
                     ema[k].lerp_(v, 1 - decay)
                 else:
                     ema[k].copy_(v)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         done = step + 1
         if out is not None and (done % train.checkpoint_every == 0 or done == train.steps):
             _save_checkpoint(out, done, losses, flow, ema, opt, gen, train)

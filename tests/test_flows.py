@@ -1,0 +1,219 @@
+"""Flows: coordinates, training (loss, resume, divergence), save/load, samplers, guidance, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from metaflow_ws.flows import (
+    FLOWS,
+    FlowConfig,
+    SampleConfig,
+    TrainConfig,
+    WeightCoordinates,
+    WeightFlow,
+    sample,
+    train_flow,
+)
+from metaflow_ws.nets import NetworkSpec
+
+from conftest import random_params
+
+TINY = dict(d_model=16, num_layers=2, heads=1)
+
+
+def tiny_config(zoo, flow):
+    return FlowConfig(flow=flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
+                      prior_std=0.316, **TINY)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bc_zoo):
+    """One tiny trained flow per kind (30 steps)."""
+    out = {}
+    for flow in FLOWS:
+        res = train_flow(tiny_bc_zoo, tiny_config(tiny_bc_zoo, flow),
+                         TrainConfig(steps=30, batch_size=8, align=False, seed=0))
+        out[flow] = res
+    return out
+
+
+@pytest.mark.parametrize("flow", FLOWS)
+def test_coordinates_round_trip_preserves_function(small_spec, flow):
+    coords = WeightCoordinates(small_spec, flow)
+    p = random_params(small_spec, 4)
+    x = coords.encode(p)
+    assert x.shape == (4, coords.dim)
+    q = coords.decode(x)
+    inp = torch.randn(8, small_spec.in_features, dtype=torch.float64)
+    assert torch.allclose(small_spec.batched_forward(p, inp), small_spec.batched_forward(q, inp), atol=1e-10)
+    prior = coords.sample_prior(5, 0.3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert prior.shape == (5, coords.dim)
+    assert torch.allclose(coords.data_manifold.project(prior), prior, atol=1e-10)
+
+
+def test_scale_flows_reject_non_relu():
+    with pytest.raises(ValueError, match="positively homogeneous"):
+        WeightCoordinates(NetworkSpec((3, 4, 2), "tanh"), "geometric")
+    WeightCoordinates(NetworkSpec((3, 4, 2), "tanh"), "euclidean")  # fine
+
+
+@pytest.mark.parametrize("flow", FLOWS)
+def test_training_runs_and_samples_are_real_networks(trained, tiny_bc_zoo, flow):
+    res = trained[flow]
+    assert len(res.losses) == 30 and all(math.isfinite(v) for v in res.losses)
+    x = sample(res.flow, 6, SampleConfig(steps=8), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (6, res.flow.dim) and torch.isfinite(x).all()
+    assert torch.allclose(res.flow.data_manifold.project(x), x, atol=1e-5)
+    params = res.flow.decode(x)
+    tiny_bc_zoo.spec.check(params)
+    mods = tiny_bc_zoo.spec.to_modules(params)
+    assert mods[0](torch.randn(3, 30)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("flow", FLOWS)
+def test_save_load_round_trip(trained, tmp_path, flow):
+    f = trained[flow].flow
+    f.save_pretrained(tmp_path)
+    g = WeightFlow.from_pretrained(tmp_path)
+    x = f.sample_prior(3, generator=torch.Generator().manual_seed(1))
+    t = torch.full((3,), 0.3)
+    assert torch.equal(f.predict_x1(x, t), g.predict_x1(x, t))
+    with pytest.raises(ValueError, match="64-10-10"):
+        g.check_spec(NetworkSpec((64, 10, 10)))
+
+
+def test_corrupt_flow_folder(trained, tmp_path):
+    trained["euclidean"].flow.save_pretrained(tmp_path)
+    (tmp_path / "flow.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        WeightFlow.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a flow folder"):
+        WeightFlow.from_pretrained(tmp_path / "nope")
+
+
+def test_resume_gives_the_same_result(tiny_bc_zoo, tmp_path):
+    cfg = tiny_config(tiny_bc_zoo, "geometric")
+    tc = TrainConfig(steps=12, batch_size=8, align=False, seed=3, checkpoint_every=5, coupling="ot")
+    straight = train_flow(tiny_bc_zoo, cfg, tc, tmp_path / "a")
+
+    def interrupt(step, total, loss, sps):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_flow(tiny_bc_zoo, cfg, tc, tmp_path / "b", progress=interrupt)
+    resumed = train_flow(tiny_bc_zoo, cfg, tc, tmp_path / "b", resume=True)
+    assert resumed.resumed_from == 5
+    assert resumed.losses == straight.losses
+    for k, v in straight.flow.state_dict().items():
+        assert torch.equal(v, resumed.flow.state_dict()[k]), k
+
+
+def test_divergence_is_a_clear_error(tiny_bc_zoo):
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train_flow(tiny_bc_zoo, tiny_config(tiny_bc_zoo, "euclidean"),
+                   TrainConfig(steps=50, batch_size=8, align=False, lr=1e12, grad_clip=1e30, warmup=1))
+
+
+class _ConstantAccelerationFlow:
+    """A stand-in flow with velocity v(x, t) = 3t² (x(t) = x0 + t³) on a Euclidean path."""
+
+    def __init__(self):
+        from metaflow_ws.flows.coordinates import WeightCoordinates
+
+        self.coords = WeightCoordinates(NetworkSpec((1, 1)), "euclidean")
+        self.path_manifold = self.data_manifold = self.coords.path_manifold
+
+    def eval(self):
+        return self
+
+    def sample_prior(self, n, generator=None):
+        return torch.zeros(n, 2, dtype=torch.float64)
+
+    def velocity(self, x, t, cond=None):
+        return (3 * t**2).unsqueeze(-1).expand_as(x)
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2)])
+def test_solvers_on_a_known_ode(solver, order):
+    errs = []
+    for steps in (16, 32):
+        x = sample(_ConstantAccelerationFlow(), 2, SampleConfig(steps=steps, solver=solver))
+        errs.append(float((x - 1.0).abs().max()))
+    assert errs[1] < errs[0]
+    # error ratio ≈ 2^order (Heun's last step is Euler, so allow slack)
+    assert errs[0] / errs[1] > (1.8 if order == 1 else 1.9)
+    if solver == "heun":
+        assert errs[1] < 0.01
+
+
+def _mean_task_loss(flow, x, xb, yb):
+    from metaflow_ws.train.losses import prediction_loss
+
+    out = flow.spec.batched_forward(flow.decode(x), xb)
+    return float(torch.stack([prediction_loss(o, yb, "classification") for o in out]).mean())
+
+
+@pytest.mark.parametrize("flow", FLOWS)
+def test_guidance_gradient_is_a_descent_direction(trained, flow):
+    from metaflow_ws.flows import guidance_gradient
+    from metaflow_ws.tasks import get_task
+
+    f = trained[flow].flow
+    d = get_task("breast_cancer").data(0)
+    xb, yb = d.x_train[:128], d.y_train[:128]
+    x = sample(f, 6, SampleConfig(steps=6), generator=torch.Generator().manual_seed(0))
+    g = guidance_gradient(f, x, xb, yb, "classification")
+    assert g.shape == x.shape and torch.isfinite(g).all()
+    man = f.path_manifold
+    step = man.exp(x, -1e-2 * man.proj_tangent(x, g) / g.norm(dim=1, keepdim=True))
+    assert _mean_task_loss(f, step, xb, yb) < _mean_task_loss(f, x, xb, yb)
+    # per-sample gradients: sample 0's gradient does not depend on the other samples
+    g0 = guidance_gradient(f, x[:1], xb, yb, "classification")
+    torch.testing.assert_close(g0[0], g[0], rtol=1e-4, atol=1e-6)
+
+
+def test_guided_sampling_lowers_the_task_loss(trained):
+    from metaflow_ws.tasks import get_task
+
+    flow = trained["euclidean"].flow
+    d = get_task("breast_cancer").data(0)
+    xb, yb = d.x_train[:128], d.y_train[:128]
+    plain = sample(flow, 8, SampleConfig(steps=10), generator=torch.Generator().manual_seed(0))
+    guided = sample(flow, 8, SampleConfig(steps=10, guidance=10.0), generator=torch.Generator().manual_seed(0),
+                    guidance_data=(xb, yb, "classification"))
+    assert _mean_task_loss(flow, guided, xb, yb) < _mean_task_loss(flow, plain, xb, yb)
+    with pytest.raises(ValueError, match="guidance needs task data"):
+        sample(flow, 2, SampleConfig(steps=2, guidance=1.0))
+
+
+def test_stochastic_sampling_changes_samples(trained):
+    flow = trained["euclidean"].flow
+    a = sample(flow, 4, SampleConfig(steps=10), generator=torch.Generator().manual_seed(0))
+    b = sample(flow, 4, SampleConfig(steps=10, noise=0.5), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(a, b)
+
+
+def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
+    from metaflow_ws.cli import main
+
+    zoo = tmp_path / "zoo.safetensors"
+    tiny_bc_zoo.save(zoo)
+    assert main(["train", "--zoo", str(zoo), "--flow", "geometric", "--steps", "6", "--batch-size", "4",
+                 "--d-model", "16", "--layers", "1", "--out", str(tmp_path / "flow"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["steps"] == 6 and res["flow"] == "geometric"
+    assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "5", "--steps", "4", "--solver", "heun",
+                 "--out", str(tmp_path / "s.safetensors"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--task", "breast_cancer", "--weights", str(tmp_path / "s.safetensors"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["n"] == 5 and 0 <= ev["accuracy_mean"] <= 1
+    # a flow used on a task of another architecture is a clear error
+    assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--guidance", "0.1", "--task", "digits",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "64-10-10" in capsys.readouterr().err
+    assert main(["train", "--zoo", str(tmp_path / "missing.safetensors"), "--flow", "euclidean",
+                 "--out", str(tmp_path / "f2")]) == 2
