@@ -20,6 +20,17 @@ _LAZY = {
     "Zoo": "metaflow_ws.io.zoo",
     "train_population": "metaflow_ws.train.population",
     "batch_metrics": "metaflow_ws.evaluation.metrics",
+    "evaluate_zoo": "metaflow_ws.evaluation.metrics",
+    "align_zoo": "metaflow_ws.symmetry.align",
+    "to_canonical": "metaflow_ws.symmetry.scaling",
+    "from_canonical": "metaflow_ws.symmetry.scaling",
+    "loss_barrier": "metaflow_ws.symmetry.barrier",
+    "FlowConfig": "metaflow_ws.flows.flow",
+    "WeightFlow": "metaflow_ws.flows.flow",
+    "TrainConfig": "metaflow_ws.flows.train",
+    "train_flow": "metaflow_ws.flows.train",
+    "SampleConfig": "metaflow_ws.flows.sampling",
+    "sample": "metaflow_ws.flows.sampling",
 }
 
 __all__ = ["__version__", *_LAZY]

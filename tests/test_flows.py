@@ -217,3 +217,26 @@ def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
     assert "64-10-10" in capsys.readouterr().err
     assert main(["train", "--zoo", str(tmp_path / "missing.safetensors"), "--flow", "euclidean",
                  "--out", str(tmp_path / "f2")]) == 2
+
+
+def test_cli_compare_writes_table(tiny_bc_zoo, tmp_path, capsys):
+    from metaflow_ws.cli import main
+
+    zoo = tmp_path / "zoo.safetensors"
+    tiny_bc_zoo.save(zoo)
+    assert main(["compare", "--zoo", str(zoo), "--out", str(tmp_path / "res"), "--flows", "euclidean", "geometric:ot",
+                 "--steps", "3", "--d-model", "8", "--layers", "1", "-n", "4", "--sample-steps", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["method"] for r in res["rows"]][1:] == ["Euclidean (aligned)", "Geometric (aligned+OT)"]
+    text = (tmp_path / "res" / "README.md").read_text()
+    assert "| Geometric (aligned+OT) |" in text and "metaflow-ws compare" in text
+    assert (tmp_path / "res" / "flows" / "geometric_ot_aligned" / "samples.safetensors").is_file()
+    assert main(["compare", "--zoo", str(zoo), "--out", str(tmp_path / "r2"), "--flows", "spherical"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    from metaflow_ws.demo import main
+
+    assert main(["--out", str(tmp_path), "--runs", "20", "--steps", "200"]) == 0
+    assert (tmp_path / "compare" / "README.md").is_file()

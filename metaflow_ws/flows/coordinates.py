@@ -70,7 +70,7 @@ class WeightCoordinates:
 
         if self.kind == "geometric":
             return product_manifold_for(self.spec)
-        return Euclidean(self.dim) if _euclidean_takes_dim() else Euclidean()
+        return Euclidean(self.dim)
 
     def encode(self, params: Params) -> Tensor:
         """``{name: [B, ...]}`` → ``[B, dim]``."""
@@ -98,13 +98,3 @@ class WeightCoordinates:
         flat = flat.to(device) if device is not None else flat
         return self.encode(self.spec.unflatten(flat)) if self.canonical else flat
 
-
-def _euclidean_takes_dim() -> bool:
-    import inspect
-
-    from metaflow_ws.geometry import Euclidean
-
-    try:
-        return len(inspect.signature(Euclidean).parameters) > 0
-    except (TypeError, ValueError):
-        return False

@@ -141,7 +141,7 @@ def train_flow(
         t = beta12(train.batch_size, gen).to(device)
         loss = flow_matching_loss(flow, x0, x1, t, sigma=config.sigma, generator=gen)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"flow training diverged at step {step + 1} (loss={float(loss)}); lower --lr "
+            raise FloatingPointError(f"flow training diverged at step {step + 1} (loss={float(loss.detach())}); lower --lr "
                                      f"(now {train.lr}) or check the zoo for extreme weights")
         opt.zero_grad(set_to_none=True)
         loss.backward()
