@@ -15,34 +15,14 @@ import time
 
 import torch
 
-from metaflow_ws.nets import MLP
 from metaflow_ws.tasks import get_task
-from metaflow_ws.train import init_runs, run_generators, train_population
-from metaflow_ws.train.losses import prediction_loss
+from metaflow_ws.train import train_population
+from metaflow_ws.train.reference import train_with_torch_optim
 
 
 def loop_of_torch_optim(task, runs: int, epochs: int, seed: int = 0) -> float:
-    rec = task.recipe
-    data = task.data(0)
-    x, y = data.x_train, data.y_train
-    n, bs = x.shape[0], min(rec.batch_size, x.shape[0])
-    init_gens, order_gens = run_generators(seed, runs)
-    init = init_runs(task, init_gens)
     t0 = time.perf_counter()
-    for r in range(runs):
-        m = MLP(task.spec.widths, task.spec.activation)
-        m.load_state_dict({k: v[r] for k, v in init.items()})
-        if rec.optimizer == "adam":
-            opt = torch.optim.Adam(m.parameters(), lr=rec.lr, betas=rec.betas, eps=rec.eps, weight_decay=rec.weight_decay)
-        else:
-            opt = torch.optim.SGD(m.parameters(), lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay)
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=order_gens[r])
-            for s in range(0, n, bs):
-                idx = order[s : s + bs]
-                opt.zero_grad()
-                prediction_loss(m(x[idx]), y[idx], task.kind).backward()
-                opt.step()
+    train_with_torch_optim(task, runs, epochs=epochs, seed=seed)
     return time.perf_counter() - t0
 
 

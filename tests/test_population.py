@@ -3,36 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from metaflow_ws.nets import MLP
 from metaflow_ws.tasks import get_task
-from metaflow_ws.train import init_runs, kept_steps, run_generators, train_population
-
-
-def _reference_torch_optim(task, runs, epochs, seed, dtype=torch.float64):
-    """Each network alone: an nn.Module, torch.optim, the same per-run init and data order."""
-    rec = task.recipe
-    data = task.data(0)
-    x, y = data.x_train.to(dtype), data.y_train
-    n, bs = x.shape[0], min(rec.batch_size, x.shape[0])
-    init_gens, order_gens = run_generators(seed, runs)
-    init = init_runs(task, init_gens, dtype)
-    finals = []
-    for r in range(runs):
-        m = MLP(task.spec.widths, task.spec.activation).to(dtype)
-        m.load_state_dict({k: v[r] for k, v in init.items()})
-        if rec.optimizer == "adam":
-            opt = torch.optim.Adam(m.parameters(), lr=rec.lr, betas=rec.betas, eps=rec.eps, weight_decay=rec.weight_decay)
-        else:
-            opt = torch.optim.SGD(m.parameters(), lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay)
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=order_gens[r])
-            for s in range(0, n, bs):
-                idx = order[s : s + bs]
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(m(x[idx]), y[idx]).backward()
-                opt.step()
-        finals.append({k: v.detach() for k, v in m.state_dict().items()})
-    return finals
+from metaflow_ws.train import kept_steps, train_population
+from metaflow_ws.train.reference import train_with_torch_optim
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -43,7 +16,7 @@ def test_vmapped_training_equals_torch_optim(optimizer):
     task = dataclasses.replace(task, recipe=rec)
     zoo = train_population(task, 3, epochs=3, seed=5, dtype=torch.float64)
     final = zoo.final()
-    ref = _reference_torch_optim(task, 3, 3, seed=5)
+    ref = train_with_torch_optim(task, 3, epochs=3, seed=5, dtype=torch.float64)
     for r in range(3):
         for k, v in ref[r].items():
             torch.testing.assert_close(final.params[k][r], v, rtol=1e-9, atol=1e-10)

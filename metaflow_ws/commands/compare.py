@@ -14,8 +14,8 @@ ORDER = 70
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoo", required=True, help="zoo file written by `metaflow-ws zoo`")
     p.add_argument("--out", required=True, help="folder for README.md, results.json and the trained flows")
-    p.add_argument("--flows", nargs="+", default=["euclidean", "normalized", "geometric"],
-                   help="flow variants: NAME or NAME:ot or NAME:unaligned (e.g. geometric:ot)")
+    p.add_argument("--flows", nargs="+", default=["euclidean:ot", "normalized:ot", "geometric:ot"],
+                   help="flow variants: NAME[:ot][:unaligned] (default: all three, aligned, OT coupling)")
     p.add_argument("--steps", type=int, default=3000, help="training steps per flow")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--d-model", type=int, default=32)
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(rows)
     text = (f"# {zoo.task}: flows vs the trained networks\n\n"
             f"Written by `{command}` (seed {args.seed}, device {device}) in {seconds:.0f} s.\n\n"
-            f"Zoo: `{args.zoo}` — {zoo.num_runs} runs, {len(zoo)} checkpoints, {zoo.spec.describe()}. Each flow: "
+            f"Zoo: `{args.zoo}`, made by `metaflow-ws zoo {zoo.task} --runs {zoo.num_runs} --seed "
+            f"{zoo.seeds.get('seed', 0)} --out {args.zoo}` — {len(zoo)} checkpoints, {zoo.spec.describe()}. Each flow: "
             f"Relational Transformer d={args.d_model}, {args.layers} layers, {args.steps} steps (batch 32, AdamW "
             f"lr {args.lr}); {args.samples} samples with {args.solver}, {args.sample_steps} steps; metrics on the "
             f"test split, mean ± std over networks.\n\n{table}\n")

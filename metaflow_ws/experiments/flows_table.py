@@ -38,11 +38,11 @@ class FlowRun:
 def compare_flows(
     zoo: Zoo,
     task: Task | str | None = None,
-    runs: Sequence[FlowRun] = tuple(FlowRun(f) for f in FLOWS),
+    runs: Sequence[FlowRun] = tuple(FlowRun(f, coupling="ot") for f in FLOWS),
     *,
     train: TrainConfig = TrainConfig(),  # noqa: B008 - frozen
-    d_model: int = 64,
-    num_layers: int = 5,
+    d_model: int = 32,
+    num_layers: int = 3,
     samples: int = 100,
     sampler: SampleConfig = SampleConfig(),  # noqa: B008 - frozen
     seed: int = 0,

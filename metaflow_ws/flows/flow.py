@@ -41,8 +41,8 @@ class FlowConfig:
     activation: str = "relu"
     task: str = ""
     prior_std: float = 0.316
-    d_model: int = 64
-    num_layers: int = 5
+    d_model: int = 32
+    num_layers: int = 3
     heads: int = 1
     cond_dim: int = 0
     sigma: float = 0.0

@@ -32,12 +32,12 @@ class TrainConfig:
 
     steps: int = 3000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     warmup: int = 100
-    coupling: str = "independent"
+    coupling: str = "ot"
     align: bool = True
     align_method: str = "weight"
     seed: int = 0
