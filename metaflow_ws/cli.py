@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args._argv = argv  # the exact command, for results files that record how they were made
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

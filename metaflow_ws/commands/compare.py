@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
                          sampler=SampleConfig(steps=args.sample_steps, solver=args.solver), seed=args.seed,
                          out_dir=out / "flows", device=device, log=lambda s: print(s, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
-    command = "metaflow-ws " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"] else \
-        "metaflow-ws compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "metaflow-ws " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", ["compare"]))
     table = markdown_table(rows)
     text = (f"# {zoo.task}: flows vs the trained networks\n\n"
             f"Written by `{command}` (seed {args.seed}, device {device}) in {seconds:.0f} s.\n\n"
