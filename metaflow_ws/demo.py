@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     print(f"[2/2] three flows x {args.steps} steps, 100 samples each -> {out}/compare", flush=True)
     rc = cli(["compare", "--zoo", str(zoo_path), "--out", str(out / "compare"), "--steps", str(args.steps),
-              "--flows", "euclidean", "normalized", "geometric:ot", "--sample-steps", "32", "--seed", str(args.seed)])
+              "--sample-steps", "32", "--seed", str(args.seed)])
     if rc:
         return rc
     print(f"demo finished in {time.perf_counter() - t0:.1f}s; outputs in {out}/")
