@@ -59,12 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if not all(torch.isfinite(v).all() for v in params.values()):
         raise FloatingPointError("sampling produced NaN/inf weights; try more --steps or a smaller --guidance")
     seconds = time.perf_counter() - t0
-    zoo = Zoo(task=args.task or flow.config.task, spec=flow.spec, params={k: v.cpu() for k, v in params.items()},
-              run_id=torch.arange(args.num), step=torch.zeros(args.num, dtype=torch.int64),
-              info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
-                    "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
-                                "noise_window": list(cfg.noise_window), "guidance": cfg.guidance},
-                    "seed": args.seed, "seconds": seconds})
+    zoo = Zoo.from_params(args.task or flow.config.task, flow.spec, {k: v.cpu() for k, v in params.items()},
+                          info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
+                                "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
+                                            "noise_window": list(cfg.noise_window), "guidance": cfg.guidance},
+                                "seed": args.seed, "seconds": seconds})
     zoo.save(args.out)
     res = {"out": str(args.out), "n": args.num, "flow": flow.config.flow, "steps": cfg.steps, "solver": cfg.solver,
            "seconds": round(seconds, 3)}

@@ -70,9 +70,8 @@ def compare_flows(
         x = sample(res.flow, samples, sampler, generator=torch.Generator().manual_seed(seed))
         t_sample = time.perf_counter() - t0
         params = res.flow.decode(x)
-        s_zoo = Zoo(task=task.name, spec=zoo.spec, params={k: v.detach().cpu() for k, v in params.items()},
-                    run_id=torch.arange(samples), step=torch.zeros(samples, dtype=torch.int64),
-                    info={"source": "flow", "flow": run.label})
+        s_zoo = Zoo.from_params(task.name, zoo.spec, {k: v.detach().cpu() for k, v in params.items()},
+                                info={"source": "flow", "flow": run.label})
         if folder is not None:
             s_zoo.save(folder / "samples.safetensors")
         ev = evaluate_zoo(task, s_zoo, device=device)

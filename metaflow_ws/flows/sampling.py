@@ -4,8 +4,8 @@ task-loss guidance.
 A step moves x by ``dt · (v(x, t) − λ·grad)`` through the geometry's exponential map (a plain addition for the
 Euclidean and normalized flows, a geodesic step on the spheres for the geometric flow). ``noise`` adds
 ``ε·sqrt(dt)`` Gaussian noise (projected to the tangent space) at every step whose t lies in ``noise_window``.
-Guidance subtracts ``λ ∇_x L_task(decode(x))``, computed with ``vmap(grad(...))`` over the batch of decoded
-networks and projected to the tangent space; it lowers the task loss of the samples.
+Guidance subtracts ``λ ∇_x L_task(decode(x))`` (per-network losses vmapped over the decoded batch, one backward
+pass for all samples), projected to the tangent space; it lowers the task loss of the samples.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ class SampleConfig:
     noise: float = 0.0
     noise_window: tuple[float, float] = (0.0, 1.0)
     guidance: float = 0.0
-    guidance_batch: int = 256
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -104,7 +103,7 @@ def sample(
         if config.solver == "heun" and i < config.steps - 1:  # the last step lands on t=1: Euler there
             x_pred = man.exp(x, dt * v)
             v2 = field(x_pred, t1)
-            v = 0.5 * (v + _transport(man, x_pred, x, v2))
+            v = 0.5 * (v + man.proj_tangent(x, v2))  # v2 brought back to x by projection (1st-order transport)
         x = man.exp(x, dt * v)
         lo, hi = config.noise_window
         if config.noise > 0 and lo <= t0 < hi and i < config.steps - 1:
@@ -114,7 +113,3 @@ def sample(
             callback(i + 1, x)
     return flow.data_manifold.project(x)
 
-
-def _transport(man, src: Tensor, dst: Tensor, v: Tensor) -> Tensor:
-    """Move a tangent vector at ``src`` to ``dst`` by projection (first-order transport)."""
-    return man.proj_tangent(dst, v)

@@ -68,11 +68,17 @@ class Zoo:
         return self.spec.flatten(self.params)
 
     @classmethod
-    def from_flat(cls, task: str, spec: NetworkSpec, flat: Tensor, **kw: Any) -> Zoo:
-        c = flat.shape[0]
+    def from_params(cls, task: str, spec: NetworkSpec, params: Params, **kw: Any) -> Zoo:
+        """A zoo of independent networks (e.g. flow samples): ``run_id`` = index, ``step`` = 0 unless given."""
+        c = spec.batch_size(params)
         kw.setdefault("run_id", torch.arange(c))
         kw.setdefault("step", torch.zeros(c, dtype=torch.int64))
-        return cls(task=task, spec=spec, params=spec.unflatten(flat), **kw)
+        return cls(task=task, spec=spec, params=dict(params), **kw)
+
+    @classmethod
+    def from_flat(cls, task: str, spec: NetworkSpec, flat: Tensor, **kw: Any) -> Zoo:
+        """:meth:`from_params` from flat ``[C, D]`` weights."""
+        return cls.from_params(task, spec, spec.unflatten(flat), **kw)
 
     def select(self, index: Tensor | slice) -> Zoo:
         """A zoo of the chosen checkpoints (boolean mask or index tensor)."""

@@ -29,13 +29,12 @@ def prediction_loss(out: Tensor, y: Tensor, kind: str) -> Tensor:
     raise ValueError(f"no training loss for task kind {kind!r}; expected 'classification' or 'regression'")
 
 
-def loss_fn(spec: NetworkSpec, kind: str, *, flat: bool = False) -> Callable[..., Tensor]:
-    """``loss(params, x, y)`` for one network; ``flat=True`` takes a flat ``[D]`` vector instead of a dict."""
+def loss_fn(spec: NetworkSpec, kind: str) -> Callable[..., Tensor]:
+    """``loss(params, x, y)`` for one network (unbatched parameter dict)."""
     if kind not in ("classification", "regression"):
         raise ValueError(f"no training loss for task kind {kind!r}; expected 'classification' or 'regression'")
 
-    def loss(params: Mapping[str, Tensor] | Tensor, x: Tensor, y: Tensor) -> Tensor:
-        p = spec.unflatten(params) if flat else params
-        return prediction_loss(spec.forward(p, x), y, kind)
+    def loss(params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return prediction_loss(spec.forward(params, x), y, kind)
 
     return loss
