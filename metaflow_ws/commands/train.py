@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     summary = {"flow": args.flow, "out": str(args.out), "steps": train.steps, "resumed_from": res.resumed_from,
-               "final_loss": sum(res.losses[-100:]) / max(1, len(res.losses[-100:])),
+               "final_loss": res.final_loss,
                "steps_per_second": round(res.steps_per_second, 2), "seconds": round(res.seconds, 2),
                "params": sum(p.numel() for p in res.flow.field.parameters()), "coupling": train.coupling,
                "aligned": train.align}

@@ -78,7 +78,7 @@ def compare_flows(
         rows.append({"method": run.label, **_metrics(ev), "n": samples,
                      "train_seconds": round(res.seconds, 1), "steps_per_second": round(res.steps_per_second, 1),
                      "sample_seconds": round(t_sample, 2), "flow_params": sum(p.numel() for p in res.flow.field.parameters()),
-                     "final_loss": sum(res.losses[-100:]) / len(res.losses[-100:])})
+                     "final_loss": res.final_loss})
         log(f"    {run.label}: acc {ev.get('accuracy_mean', float('nan')):.4f} ± {ev.get('accuracy_std', 0):.4f}, "
             f"nll {ev.get('nll_mean', float('nan')):.4f} ({res.seconds:.0f}s train, {t_sample:.1f}s sampling)")
     return rows

@@ -59,6 +59,11 @@ class TrainResult:
     steps_per_second: float = 0.0
     resumed_from: int = 0
 
+    @property
+    def final_loss(self) -> float | None:
+        """Mean training loss over the last 100 steps."""
+        return _tail_mean(self.losses)
+
 
 def beta12(n: int, generator: torch.Generator | None = None) -> Tensor:
     """t ~ Beta(1, 2) by inverting its CDF 1 − (1 − t)²: ``[n]``."""
@@ -109,8 +114,10 @@ def train_flow(
 
         zoo = align_zoo(zoo, 0, method=train.align_method, generator=torch.Generator().manual_seed(train.seed))
     config = dataclasses.replace(config, aligned=train.align)
-    torch.manual_seed(train.seed)  # model init; the training randomness uses its own generator below
-    flow = WeightFlow(config).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded model init without touching the caller's global RNG
+        torch.manual_seed(train.seed)
+        flow = WeightFlow(config)
+    flow = flow.to(device)
     with torch.no_grad():
         x1_all = flow.encode({k: v.to(device, torch.float32) for k, v in zoo.params.items()})
     if not torch.isfinite(x1_all).all():
@@ -167,7 +174,7 @@ def train_flow(
                          steps_per_second=(train.steps - start) / max(seconds_loop, 1e-9), resumed_from=start)
     if out is not None:
         flow.save_pretrained(out, extra={"train": dataclasses.asdict(train), "zoo_task": zoo.task,
-                                         "zoo_checkpoints": len(zoo), "final_loss": _tail_mean(losses),
+                                         "zoo_checkpoints": len(zoo), "final_loss": result.final_loss,
                                          "seconds": result.seconds})
     return result
 
