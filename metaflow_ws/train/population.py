@@ -18,12 +18,12 @@ from torch.func import grad_and_value, vmap
 
 from metaflow_ws.evaluation.metrics import batch_metrics
 from metaflow_ws.io.zoo import Zoo
-from metaflow_ws.nets.spec import Params
+from metaflow_ws.nets.spec import NetworkSpec, Params
 from metaflow_ws.tasks.registry import Task, get_task
 from metaflow_ws.train.losses import loss_fn
-from metaflow_ws.train.optim import make_optimizer
+from metaflow_ws.train.optim import FunctionalOptimizer, make_optimizer
 
-__all__ = ["init_runs", "kept_steps", "run_generators", "run_seed", "steps_per_epoch", "train_population"]
+__all__ = ["fit_population", "init_runs", "kept_steps", "run_generators", "run_seed", "steps_per_epoch", "train_population"]
 
 
 def run_seed(seed: int, run: int) -> int:
@@ -56,6 +56,76 @@ def kept_steps(total_steps: int, spe: int, skip_epochs: int, keep_every: int) ->
     step counted back from the last one (so the final weights are always kept)."""
     first = skip_epochs * spe + 1
     return [s for s in range(first, total_steps + 1) if (total_steps - s) % keep_every == 0]
+
+
+def fit_population(
+    spec: NetworkSpec,
+    kind: str,
+    flat: Tensor,
+    x: Tensor,
+    y: Tensor,
+    opt: FunctionalOptimizer,
+    *,
+    epochs: int,
+    batch_size: int,
+    order_gens: list[torch.Generator],
+    keep: set[int] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[Tensor, list[int]]:
+    """Train ``R`` networks at once with minibatch ``opt`` steps (the core of every population trainer).
+
+    ``flat: [R, D]`` initial weights; data ``x: [n, ...]`` shared by all runs or ``[R, n, ...]`` one dataset per
+    run (task families); ``y`` likewise (one-hot float targets for classification). Every run draws its own
+    epoch order from ``order_gens[r]``. Returns the iterates after the optimizer steps in ``keep`` (1-based;
+    default: only the last) as ``[R · K, D]`` run-major, and the kept step numbers.
+    """
+    runs = flat.shape[0]
+    per_run = x.dim() == 3  # networks are MLPs on flat inputs: shared data is [n, d], per-run data [R, n, d]
+    if per_run and (x.shape[0] != runs or y.shape[0] != runs):
+        raise ValueError(f"per-run data must have {runs} datasets (one per run); got x {tuple(x.shape)}, "
+                         f"y {tuple(y.shape)}")
+    n = x.shape[1] if per_run else x.shape[0]
+    if y.shape[int(per_run)] != n:
+        raise ValueError(f"x and y disagree on the number of examples: x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if len(order_gens) != runs:
+        raise ValueError(f"need one order generator per run: {len(order_gens)} for {runs} runs")
+    bs = min(batch_size, n)
+    spe = steps_per_epoch(n, bs)
+    total = epochs * spe
+    keep = {total} if keep is None else keep
+    state = opt.init(flat)
+    grad_fn = vmap(grad_and_value(loss_fn(spec, kind)))
+    names = spec.names
+    rows = torch.arange(runs, device=flat.device).unsqueeze(1)
+
+    def step_fn(flat: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        grads, losses = grad_fn(spec.unflatten(flat), xb, yb)  # dict in, dict out: cheaper than a flat vmap
+        return torch.cat([grads[k].reshape(runs, -1) for k in names], dim=1), losses
+
+    kept_flat: list[Tensor] = []
+    kept_step: list[int] = []
+    step = 0
+    for _epoch in range(epochs):
+        order = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(flat.device)  # [R, n]
+        # one gather per epoch; each step takes a slice
+        x_ep, y_ep = (x[rows, order], y[rows, order]) if per_run else (x[order], y[order])
+        for s in range(spe):
+            sl = slice(s * bs, (s + 1) * bs)
+            grads, losses = step_fn(flat, x_ep[:, sl], y_ep[:, sl])
+            flat, state = opt.step(flat, grads, state)
+            step += 1
+            if step in keep:
+                kept_flat.append(flat.detach().clone())
+                kept_step.append(step)
+            if progress is not None:
+                progress(step, total, float(losses.mean()))
+        if not torch.isfinite(flat).all():
+            bad = (~torch.isfinite(flat).all(1)).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"training diverged at epoch {_epoch + 1}: runs {bad[:10]} have NaN/inf weights; lower the learning rate"
+            )
+    k = len(kept_step)
+    return torch.stack(kept_flat, dim=1).reshape(runs * k, -1), kept_step  # run-major
 
 
 def train_population(
@@ -114,39 +184,10 @@ def train_population(
     flat = spec.flatten(init_runs(task, init_gens, dtype)).to(device)  # [R, D]
     opt = make_optimizer(rec.optimizer, lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay,
                          betas=rec.betas, eps=rec.eps, nesterov=rec.nesterov)
-    state = opt.init(flat)
-    grad_fn = vmap(grad_and_value(loss_fn(spec, task.kind)))
-    names = spec.names
-
-    def step_fn(flat: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
-        grads, losses = grad_fn(spec.unflatten(flat), xb, yb)  # dict in, dict out: cheaper than a flat vmap
-        return torch.cat([grads[k].reshape(runs, -1) for k in names], dim=1), losses
-
-    kept_flat: list[Tensor] = []
-    kept_step: list[int] = []
-    step = 0
-    for _epoch in range(epochs):
-        order = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(device)  # [R, n]
-        x_ep, y_ep = x[order], y[order]  # one gather per epoch; each step takes a slice
-        for s in range(spe):
-            sl = slice(s * bs, (s + 1) * bs)
-            grads, losses = step_fn(flat, x_ep[:, sl], y_ep[:, sl])
-            flat, state = opt.step(flat, grads, state)
-            step += 1
-            if step in keep:
-                kept_flat.append(flat.detach().clone())
-                kept_step.append(step)
-            if progress is not None:
-                progress(step, total, float(losses.mean()))
-        if not torch.isfinite(flat).all():
-            bad = (~torch.isfinite(flat).all(1)).nonzero().flatten().tolist()
-            raise FloatingPointError(
-                f"training diverged at epoch {_epoch + 1}: runs {bad[:10]} have NaN/inf weights; lower recipe.lr"
-            )
-
+    all_flat, kept_step = fit_population(spec, task.kind, flat, x, y, opt, epochs=epochs, batch_size=bs,
+                                         order_gens=order_gens, keep=keep, progress=progress)
     train_seconds = time.perf_counter() - t0
     k = len(kept_step)
-    all_flat = torch.stack(kept_flat, dim=1).reshape(runs * k, -1)  # run-major: run r's checkpoints are contiguous
     run_id = torch.arange(runs).repeat_interleave(k)
     steps = torch.tensor(kept_step, dtype=torch.int64).repeat(runs)
     params = spec.unflatten(all_flat)
