@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from metaflow_ws.flows.coordinates import FLOWS, FlowKind, WeightCoordinates
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.nets.spec import NetworkSpec
+
+if TYPE_CHECKING:
+    from metaflow_ws.models import SetEncoder
 
 __all__ = ["FlowConfig", "WeightFlow", "FlowFormatError"]
 
@@ -47,11 +50,20 @@ class FlowConfig:
     cond_dim: int = 0
     sigma: float = 0.0
     aligned: bool = False
+    #: task-conditioned flows: a support-set encoder (``SetEncoderConfig`` fields except ``cond_dim``, e.g.
+    #: ``{"x_dim": 1, "y_dim": 1}``) whose embedding, of size ``cond_dim``, conditions the vector field.
+    encoder: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r}; expected one of {list(FLOWS)}")
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.encoder is not None:
+            if self.cond_dim < 1:
+                raise ValueError("a flow with a support-set encoder needs cond_dim ≥ 1 (the embedding size)")
+            if "cond_dim" in self.encoder:
+                raise ValueError("give the embedding size as FlowConfig.cond_dim, not inside encoder")
+            object.__setattr__(self, "encoder", dict(self.encoder))
 
     @property
     def spec(self) -> NetworkSpec:
@@ -74,7 +86,7 @@ class WeightFlow(nn.Module):
 
     def __init__(self, config: FlowConfig) -> None:
         super().__init__()
-        from metaflow_ws.models import RelationalTransformer
+        from metaflow_ws.models import RelationalTransformer, SetEncoder, SetEncoderConfig
 
         self.config = config
         self.coords = WeightCoordinates(config.spec, config.flow)
@@ -86,6 +98,9 @@ class WeightFlow(nn.Module):
             n_globals=self.coords.n_globals,
             cond_dim=config.cond_dim,
         )
+        self.encoder: SetEncoder | None = None
+        if config.encoder is not None:
+            self.encoder = SetEncoder(SetEncoderConfig(**config.encoder, cond_dim=config.cond_dim))
         self.register_buffer("scale", torch.ones(self.coords.dim))
         self.data_manifold = self.coords.data_manifold
         self.path_manifold = self.coords.path_manifold
@@ -112,6 +127,13 @@ class WeightFlow(nn.Module):
             raise ValueError(f"flow coordinates must be (B, {self.dim}) for {self.spec.describe()}; got {tuple(x.shape)}")
         out = self.field(x / self.scale, t, cond) * self.scale
         return self.data_manifold.project(out)
+
+    def embed(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        """Task embedding ``[B, cond_dim]`` of support sets ``x: [B, K, x_dim]``, ``y: [B, K, y_dim]``."""
+        if self.encoder is None:
+            raise ValueError("this flow is not task-conditioned (no support-set encoder); train one with "
+                             "FlowConfig(cond_dim=..., encoder={...}) on a family zoo")
+        return self.encoder(support_x, support_y)
 
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """Velocity at (x, t) derived from the x1 prediction, in the path's geometry."""

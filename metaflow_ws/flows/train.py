@@ -20,7 +20,7 @@ from metaflow_ws.flows.flow import FlowConfig, WeightFlow
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.io.zoo import Zoo
 
-__all__ = ["TrainConfig", "TrainResult", "beta12", "flow_matching_loss", "train_flow"]
+__all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "flow_matching_loss", "query_loss", "train_flow"]
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
@@ -42,13 +42,63 @@ class TrainConfig:
     align_method: str = "weight"
     seed: int = 0
     checkpoint_every: int = 500
+    #: task-conditioned flows only: support sizes K drawn uniformly from this range at every step
+    support_sizes: tuple[int, int] = (5, 20)
+    #: weight of the meta-training loss on query sets of networks produced by a differentiable
+    #: ``query_steps``-step Euler sampler (0 = flow matching only)
+    query_weight: float = 0.0
+    query_steps: int = 4
+    query_points: int = 32
 
     def __post_init__(self) -> None:
-        for k in ("steps", "batch_size", "checkpoint_every"):
+        for k in ("steps", "batch_size", "checkpoint_every", "query_steps", "query_points"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be ≥ 1; got {getattr(self, k)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay}")
+        lo, hi = (int(v) for v in self.support_sizes)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"support_sizes must be (lo, hi) with 1 ≤ lo ≤ hi; got {self.support_sizes}")
+        object.__setattr__(self, "support_sizes", (lo, hi))
+        if self.query_weight < 0:
+            raise ValueError(f"query_weight must be ≥ 0; got {self.query_weight}")
+
+
+@dataclass
+class SupportSets:
+    """Data of the tasks behind a family zoo, for task-conditioned flows.
+
+    ``x: [T, n, x_dim]``, ``y: [T, n, y_dim]`` (one-hot float targets for classification) hold n examples of each
+    of T tasks; ``task_of: [C]`` maps every network of the zoo to its task. Support and query sets are drawn
+    from a network's own task, K distinct examples at a time.
+    """
+
+    x: Tensor
+    y: Tensor
+    task_of: Tensor
+    kind: str = "regression"
+
+    def __post_init__(self) -> None:
+        if self.x.dim() != 3 or self.y.dim() != 3 or self.x.shape[:2] != self.y.shape[:2]:
+            raise ValueError(f"support data must be x: (T, n, x_dim), y: (T, n, y_dim); got x {tuple(self.x.shape)}, "
+                             f"y {tuple(self.y.shape)}")
+        if self.task_of.dim() != 1 or (self.task_of.numel() and int(self.task_of.max()) >= self.x.shape[0]):
+            raise ValueError(f"task_of must be a (C,) index into the {self.x.shape[0]} tasks")
+        if self.kind not in ("regression", "classification"):
+            raise ValueError(f"kind must be 'regression' or 'classification'; got {self.kind!r}")
+
+    def draw(self, idx: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``k`` distinct examples of the task of each network in ``idx``: ``[B, k, x_dim]``, ``[B, k, y_dim]``."""
+        n = self.x.shape[1]
+        if not 1 <= k <= n:
+            raise ValueError(f"cannot draw {k} support points from tasks with {n} examples")
+        tasks = self.task_of[idx.cpu()]
+        pick = torch.rand(len(tasks), n, generator=generator).argsort(1)[:, :k]
+        rows = tasks.unsqueeze(1)
+        return self.x[rows, pick], self.y[rows, pick]
+
+    def to(self, device: torch.device | str) -> SupportSets:
+        return SupportSets(self.x.to(device), self.y.to(device), self.task_of, self.kind)
 
 
 @dataclass
@@ -81,6 +131,29 @@ def flow_matching_loss(flow: WeightFlow, x0: Tensor, x1: Tensor, t: Tensor, *, s
     return (((x1_hat - x1) / flow.scale) ** 2).mean()
 
 
+def query_loss(flow: WeightFlow, cond: Tensor, qx: Tensor, qy: Tensor, kind: str, *, steps: int,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Mean task loss on query sets of the networks a differentiable ``steps``-step Euler sampler produces.
+
+    ``cond: [B, cond_dim]``; ``qx: [B, Q, x_dim]``, ``qy: [B, Q, y_dim]``. Gradients flow through the whole
+    trajectory into the vector field and the task encoder; the B networks are evaluated with one vmap.
+    """
+    from torch.func import vmap
+
+    from metaflow_ws.train.losses import prediction_loss
+
+    b = cond.shape[0]
+    x = flow.sample_prior(b, generator=generator)
+    man = flow.path_manifold
+    for i in range(steps):
+        t = torch.full((b,), i / steps, dtype=x.dtype, device=x.device)
+        x = man.exp(x, flow.velocity(x, t, cond) / steps)
+    x = flow.data_manifold.project(x)
+    spec = flow.spec
+    losses = vmap(lambda p, xq, yq: prediction_loss(spec.forward(p, xq), yq, kind))(flow.decode(x), qx, qy)
+    return losses.mean()
+
+
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -97,17 +170,37 @@ def train_flow(
     resume: bool = False,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float, float], None] | None = None,
+    support: SupportSets | None = None,
 ) -> TrainResult:
     """Train a flow of ``config`` on the networks of ``zoo``; returns the flow with EMA weights.
 
     With ``out``, checkpoints go to ``out/checkpoint.safetensors`` every ``checkpoint_every`` steps (atomic) and
     the final flow to ``out/`` (``config.json`` + ``flow.safetensors``); ``resume=True`` continues from the last
     checkpoint and gives the same result as an uninterrupted run. ``progress(step, total, loss, steps_per_s)``.
+
+    Task-conditioned flows (``config.encoder`` set) need ``support``: the data of the task of every network;
+    each step embeds a fresh support set of every network in the batch (K ~ ``train.support_sizes``) and trains
+    encoder and vector field jointly; ``train.query_weight > 0`` adds the query-set loss of
+    :func:`query_loss`. Mini-batch OT couples networks of different tasks and would break the conditional
+    marginals, so conditional training needs ``coupling="independent"``.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if zoo.spec != config.spec:
         raise ValueError(f"the zoo holds {zoo.spec.describe()} networks but the flow config is for "
                          f"{config.spec.describe()}")
+    if (config.encoder is None) != (support is None):
+        raise ValueError("task-conditioned training needs both a flow config with an encoder and support data "
+                         "(support=SupportSets(...)); unconditional training takes neither")
+    if support is not None:
+        if train.coupling != "independent":
+            raise ValueError("mini-batch OT pairs networks of different tasks, which breaks a conditional flow; "
+                             "use TrainConfig(coupling='independent') for task-conditioned flows")
+        if support.task_of.shape != (len(zoo),):
+            raise ValueError(f"support.task_of must map each of the zoo's {len(zoo)} networks to a task; "
+                             f"got shape {tuple(support.task_of.shape)}")
+        support = support.to(device)
+    elif train.query_weight > 0:
+        raise ValueError("query_weight > 0 needs a task-conditioned flow and support data")
     t_start = time.perf_counter()
     if train.align:
         from metaflow_ws.symmetry import align_zoo
@@ -124,7 +217,7 @@ def train_flow(
         raise ValueError("the zoo's weights give NaN/inf flow coordinates (zero or non-finite rows?)")
     flow.set_scale_from(x1_all)
     coupling = make_coupling(train.coupling, flow.path_manifold if config.flow == "geometric" else None)
-    opt = torch.optim.AdamW(flow.field.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    opt = torch.optim.AdamW(flow.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     ema = {k: v.detach().clone() for k, v in flow.state_dict().items()}
     gen = torch.Generator().manual_seed(train.seed + 1)
     losses: list[float] = []
@@ -146,13 +239,23 @@ def train_flow(
         x0 = flow.sample_prior(train.batch_size, generator=gen)
         x0 = coupling(x0, x1)
         t = beta12(train.batch_size, gen).to(device)
-        loss = flow_matching_loss(flow, x0, x1, t, sigma=config.sigma, generator=gen)
+        cond = None
+        if support is not None:
+            lo, hi = train.support_sizes
+            k = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+            cond = flow.embed(*support.draw(idx, k, gen))
+        loss = flow_matching_loss(flow, x0, x1, t, sigma=config.sigma, generator=gen, cond=cond)
+        if train.query_weight > 0:
+            assert support is not None and cond is not None
+            qx, qy = support.draw(idx, train.query_points, gen)
+            loss = loss + train.query_weight * query_loss(flow, cond, qx, qy, support.kind, steps=train.query_steps,
+                                                          generator=gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"flow training diverged at step {step + 1} (loss={float(loss.detach())}); lower --lr "
                                      f"(now {train.lr}) or check the zoo for extreme weights")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.field.parameters(), train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), train.grad_clip)
         opt.step()
         decay = min(train.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():

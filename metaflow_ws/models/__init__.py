@@ -7,5 +7,14 @@ from metaflow_ws.models.relational_transformer import (
     RTLayer,
     sinusoidal_embedding,
 )
+from metaflow_ws.models.set_encoder import SetEncoder, SetEncoderConfig
 
-__all__ = ["AUTO_CHECKPOINT_ELEMENTS", "Backend", "RTLayer", "RelationalTransformer", "sinusoidal_embedding"]
+__all__ = [
+    "AUTO_CHECKPOINT_ELEMENTS",
+    "Backend",
+    "RTLayer",
+    "RelationalTransformer",
+    "SetEncoder",
+    "SetEncoderConfig",
+    "sinusoidal_embedding",
+]

@@ -1,0 +1,141 @@
+"""Family zoos (one dataset per network) and task-conditioned flows (support-set encoder + conditional training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, WeightFlow, sample, train_flow
+from metaflow_ws.flows.train import SupportSets, query_loss
+from metaflow_ws.models import SetEncoder, SetEncoderConfig
+from metaflow_ws.train import train_population
+from metaflow_ws.train.family import family_members, family_support, train_family
+
+
+@pytest.fixture(scope="module")
+def sin_family():
+    return train_family("sinusoid", 4, 2, epochs=3, seed=1)
+
+
+def test_family_network_equals_population_on_its_member():
+    """Network i of an (independent-init) family zoo is network i of a population trained on member i alone."""
+    fam = train_family("sinusoid", 3, 1, epochs=2, seed=5, shared_init=False)
+    members = family_members("sinusoid", [0, 1, 2])
+    last = fam.step == fam.step.max()
+    for i, member in enumerate(members):
+        pop = train_population(member, 3, epochs=2, seed=5, evaluate=False)
+        ref = pop.flat()[pop.step == pop.step.max()][i]
+        assert torch.allclose(fam.flat()[last][i], ref, atol=1e-6)
+
+
+def test_family_zoo_metadata_and_shared_init(sin_family):
+    z = sin_family
+    per_run = z.step.unique().numel()
+    assert len(z) == 4 * 2 * per_run
+    assert torch.equal(z.metrics["task_id"].long(), torch.arange(4).repeat_interleave(2 * per_run))
+    amp = z.metrics["task.amplitude"]
+    for t in range(4):  # the stored task parameters are the member's
+        info = family_members("sinusoid", [t])[0].data(0).info
+        assert torch.allclose(amp[z.metrics["task_id"] == t], torch.tensor(info["amplitude"], dtype=amp.dtype))
+    assert "test_mse" in z.metrics and torch.isfinite(z.metrics["test_mse"]).all()
+    shared = train_family("sinusoid", 3, 1, epochs=1, seed=0)  # one shared init: networks differ only by data
+    noshare = train_family("sinusoid", 3, 1, epochs=1, seed=0, shared_init=False)
+    d_shared = (shared.flat()[0] - shared.flat()[-1]).norm()
+    d_indep = (noshare.flat()[0] - noshare.flat()[-1]).norm()
+    assert d_shared < 0.5 * d_indep
+
+
+def test_family_errors():
+    with pytest.raises(ValueError, match="not a known family"):
+        train_family("breast_cancer", 2)
+    with pytest.raises(ValueError, match="≥ 1"):
+        train_family("sinusoid", 0)
+    z = train_population("breast_cancer", 2, epochs=1)
+    with pytest.raises(ValueError, match="not a family zoo"):
+        family_support(z)
+
+
+def test_support_sets_draw_from_each_networks_task(sin_family):
+    sup = family_support(sin_family)
+    idx = torch.arange(len(sin_family))
+    sx, sy = sup.draw(idx, 7, torch.Generator().manual_seed(0))
+    assert sx.shape == (len(idx), 7, 1) and sy.shape == (len(idx), 7, 1)
+    amp = sin_family.metrics["task.amplitude"].float()
+    phase = sin_family.metrics["task.phase"].float()
+    expect = amp.view(-1, 1, 1) * torch.sin(sx - phase.view(-1, 1, 1))
+    assert torch.allclose(sy, expect, atol=1e-4)  # every support point lies on the network's own sinusoid
+    assert all(sx[i].unique().numel() == 7 for i in range(len(idx)))  # distinct points
+    with pytest.raises(ValueError, match="cannot draw"):
+        sup.draw(idx, 10_000)
+    with pytest.raises(ValueError, match="support data must be"):
+        SupportSets(torch.zeros(3, 4), torch.zeros(3, 4, 1), torch.zeros(2, dtype=torch.long))
+
+
+def test_set_encoder_is_permutation_invariant_and_checks_shapes():
+    enc = SetEncoder(SetEncoderConfig(x_dim=2, y_dim=3, cond_dim=8)).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 6, 2, generator=g, dtype=torch.float64), torch.randn(4, 6, 3, generator=g, dtype=torch.float64)
+    perm = torch.randperm(6, generator=g)
+    assert torch.allclose(enc(x, y), enc(x[:, perm], y[:, perm]), atol=1e-12)
+    assert not torch.allclose(enc(x, y), enc(x, y.flip(0)))  # different tasks, different embeddings
+    with pytest.raises(ValueError, match="support sets must be"):
+        enc(x, y[:, :5])
+
+
+def _cond_config(zoo, **kw):
+    return FlowConfig(flow="euclidean", widths=zoo.spec.widths, d_model=8, num_layers=1, cond_dim=8,
+                      encoder={"x_dim": 1, "y_dim": 1, "hidden": 16}, **kw)
+
+
+def test_conditional_training_resumes_exactly_and_round_trips(sin_family, tmp_path):
+    sup = family_support(sin_family)
+    tc = TrainConfig(steps=8, batch_size=6, coupling="independent", align=False, checkpoint_every=3, query_weight=0.5,
+                     query_steps=2, query_points=5)
+    straight = train_flow(sin_family, _cond_config(sin_family), tc, tmp_path / "a", support=sup)
+
+    def interrupt(step, total, loss, sps):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_flow(sin_family, _cond_config(sin_family), tc, tmp_path / "b", support=sup, progress=interrupt)
+    resumed = train_flow(sin_family, _cond_config(sin_family), tc, tmp_path / "b", support=sup, resume=True)
+    assert resumed.resumed_from == 3 and resumed.losses == straight.losses
+    loaded = WeightFlow.from_pretrained(tmp_path / "a")
+    assert loaded.encoder is not None
+    sx, sy = sup.draw(torch.arange(5), 6, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded.embed(sx, sy), straight.flow.embed(sx, sy))
+        cond = loaded.embed(sx, sy)
+        a = sample(loaded, 5, SampleConfig(steps=3), cond=cond, generator=torch.Generator().manual_seed(0))
+        b = sample(straight.flow, 5, SampleConfig(steps=3), cond=cond, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_query_loss_trains_the_encoder_through_the_sampler(sin_family):
+    torch.manual_seed(0)
+    flow = WeightFlow(_cond_config(sin_family))
+    # the task projection starts at zero (cond has no effect yet); perturb it so gradients reach the encoder
+    torch.nn.init.normal_(flow.field.cond_in.weight, std=0.1)
+    sup = family_support(sin_family)
+    idx = torch.arange(6)
+    sx, sy = sup.draw(idx, 5)
+    qx, qy = sup.draw(idx, 9)
+    loss = query_loss(flow, flow.embed(sx, sy), qx, qy, "regression", steps=2)
+    loss.backward()
+    assert loss.isfinite()
+    assert flow.encoder.phi[0].weight.grad.abs().sum() > 0
+    assert flow.field.layers[0].parameters().__next__().grad is not None
+
+
+def test_conditional_training_errors(sin_family):
+    sup = family_support(sin_family)
+    cfg = _cond_config(sin_family)
+    with pytest.raises(ValueError, match="independent"):
+        train_flow(sin_family, cfg, TrainConfig(steps=1, align=False, coupling="ot"), support=sup)
+    with pytest.raises(ValueError, match="both a flow config with an encoder and support"):
+        train_flow(sin_family, cfg, TrainConfig(steps=1, align=False, coupling="independent"))
+    with pytest.raises(ValueError, match="cond_dim"):
+        FlowConfig(flow="euclidean", widths=(1, 4, 1), encoder={"x_dim": 1, "y_dim": 1})
+    with pytest.raises(ValueError, match="not task-conditioned"):
+        WeightFlow(FlowConfig(flow="euclidean", widths=(1, 4, 1))).embed(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1))
