@@ -139,3 +139,14 @@ def test_conditional_training_errors(sin_family):
         FlowConfig(flow="euclidean", widths=(1, 4, 1), encoder={"x_dim": 1, "y_dim": 1})
     with pytest.raises(ValueError, match="not task-conditioned"):
         WeightFlow(FlowConfig(flow="euclidean", widths=(1, 4, 1))).embed(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1))
+
+
+def test_zoo_cli_family(tmp_path):
+    from metaflow_ws.cli import main
+    from metaflow_ws.io import Zoo
+
+    out = tmp_path / "fam.safetensors"
+    assert main(["zoo", "sinusoid", "--family", "3", "--runs", "2", "--epochs", "2", "--out", str(out)]) == 0
+    z = Zoo.load(out)
+    assert z.info["family"]["members"] == [0, 1, 2] and z.num_runs == 6
+    assert family_support(z).x.shape[0] == 3

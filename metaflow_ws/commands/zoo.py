@@ -18,6 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
     p.add_argument("--data-dir", default=None, help="folder with MNIST-like IDX files (mnist, fashion_mnist)")
+    p.add_argument("--family", type=int, default=None, metavar="T",
+                   help="family zoo: train on T member tasks of the family (sinusoid: task_seed 0..T-1; "
+                        "digits_permuted: permutation_seed), --runs networks per task, one shared init")
+    p.add_argument("--first-member", type=int, default=0, help="first member index of a family zoo")
+    p.add_argument("--independent-init", action="store_true",
+                   help="family zoo: every network gets its own init instead of one shared init")
     add_common(p)
 
 
@@ -49,8 +55,15 @@ def run(args: argparse.Namespace) -> int:
             bar.total = total
             update(step, total, loss)
 
-        zoo = train_population(task, args.runs, epochs=args.epochs, seed=args.seed, data_seed=args.data_seed,
-                               device=device, progress=progress)
+        if args.family is not None:
+            from metaflow_ws.train.family import train_family
+
+            zoo = train_family(task, args.family, 1 if args.runs is None else args.runs, epochs=args.epochs,
+                               first_member=args.first_member, shared_init=not args.independent_init,
+                               seed=args.seed, data_seed=args.data_seed, device=device, progress=progress)
+        else:
+            zoo = train_population(task, args.runs, epochs=args.epochs, seed=args.seed, data_seed=args.data_seed,
+                                   device=device, progress=progress)
     finally:
         bar.close()
     zoo.save(args.out)

@@ -202,7 +202,11 @@ class Zoo:
         fin = self.final()
         out: dict[str, Any] = {"task": self.task, "runs": self.num_runs, "checkpoints": len(self),
                                "params": self.spec.num_params, "architecture": self.spec.describe()}
+        if "task_id" in self.metrics:  # family zoo: task ids and parameters are bookkeeping, not metrics
+            out["tasks"] = int(torch.unique(self.metrics["task_id"]).numel())
         for k, v in fin.metrics.items():
+            if k == "task_id" or k.startswith("task."):
+                continue
             out[f"{k}_mean"] = float(v.mean())
             out[f"{k}_std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
         return out
