@@ -240,3 +240,27 @@ def test_demo_end_to_end(tmp_path):
 
     assert main(["--out", str(tmp_path), "--runs", "20", "--steps", "200"]) == 0
     assert (tmp_path / "compare" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "geometric"])
+def test_perm_coupling_keeps_functions_and_shortens_paths(tiny_bc_zoo, kind):
+    """perm: each data network becomes the neuron ordering closest to its prior draw — same function, nearer x0."""
+    from metaflow_ws.flows.couplings import make_coupling
+
+    flow = WeightFlow(tiny_config(tiny_bc_zoo, kind))
+    x1 = flow.encode({k: v[:8].float() for k, v in tiny_bc_zoo.params.items()})
+    x0 = flow.sample_prior(8, generator=torch.Generator().manual_seed(0))
+    for name in ("perm", "ot-perm"):
+        c0, c1 = make_coupling(name, flow.path_manifold if kind == "geometric" else None, flow.coords)(x0, x1)
+        assert sorted(c0.tolist()) == sorted(x0.tolist())  # the prior batch is only reordered
+        xs = torch.randn(16, tiny_bc_zoo.spec.in_features)
+        spec = tiny_bc_zoo.spec
+        f_before = spec.batched_forward(flow.decode(x1), xs)
+        f_after = spec.batched_forward(flow.decode(c1), xs)
+        if name == "perm":
+            assert torch.equal(c0, x0)
+            assert torch.allclose(f_before, f_after, atol=1e-4)  # same networks, neurons reordered
+            d = flow.path_manifold.dist if kind == "geometric" else (lambda a, b: (a - b).norm(dim=1))
+            assert (d(c0, c1) <= d(x0, x1) + 1e-4).all() and (d(c0, c1) < d(x0, x1) - 1e-3).any()
+    with pytest.raises(ValueError, match="coordinates"):
+        make_coupling("perm")

@@ -12,13 +12,16 @@ ORDER = 40
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from metaflow_ws.flows.couplings import COUPLINGS
     from metaflow_ws.flows.train import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--zoo", required=True, help="zoo file written by `metaflow-ws zoo`")
     p.add_argument("--flow", required=True, choices=["euclidean", "normalized", "geometric"])
     p.add_argument("--out", required=True, help="output folder (config.json, flow.safetensors, checkpoints)")
-    p.add_argument("--coupling", choices=["independent", "ot"], default=d.coupling)
+    p.add_argument("--coupling", choices=list(COUPLINGS), default=d.coupling,
+                   help="prior-data pairing: ot (mini-batch OT), perm (each network aligned to its prior draw), "
+                        "ot-perm (both), independent")
     p.add_argument("--align", action=argparse.BooleanOptionalAction, default=d.align,
                    help="align the zoo to one reference by permutations first (default: on)")
     p.add_argument("--steps", type=int, default=d.steps)

@@ -1,7 +1,7 @@
 """Weight-space flow matching: Euclidean, Normalized and Geometric flows."""
 
 from metaflow_ws.flows.coordinates import FLOWS, WeightCoordinates
-from metaflow_ws.flows.couplings import IndependentCoupling, OTCoupling, make_coupling
+from metaflow_ws.flows.couplings import IndependentCoupling, OTCoupling, PermutationCoupling, make_coupling
 from metaflow_ws.flows.flow import FlowConfig, FlowFormatError, WeightFlow
 from metaflow_ws.flows.sampling import SOLVERS, SampleConfig, guidance_gradient, sample
 from metaflow_ws.flows.train import TrainConfig, TrainResult, beta12, flow_matching_loss, train_flow
@@ -13,6 +13,7 @@ __all__ = [
     "FlowFormatError",
     "IndependentCoupling",
     "OTCoupling",
+    "PermutationCoupling",
     "SampleConfig",
     "TrainConfig",
     "TrainResult",

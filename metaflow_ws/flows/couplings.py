@@ -1,7 +1,18 @@
-"""Couplings between prior draws x0 and data x1 for conditional flow matching: independent or mini-batch OT.
+"""Couplings between prior draws x0 and data x1 for conditional flow matching.
 
-A coupling is its own object (not baked into the path): ``coupling(x0, x1) -> x0'`` returns the prior batch
-reordered so that ``(x0'[i], x1[i])`` are the training pairs.
+A coupling is its own object (not baked into the path): ``coupling(x0, x1) -> (x0', x1')`` returns the training
+pairs ``(x0'[i], x1'[i])``:
+
+- ``independent``: as drawn;
+- ``ot``: mini-batch optimal transport, the prior batch reordered by an exact assignment;
+- ``perm``: every data network replaced by the permutation of its hidden neurons closest to its prior draw
+  (weight matching to x0; the *equivariant OT* of Klein et al. 2023). The vector field is permutation
+  equivariant, so it can only push an invariant prior onto the permutation-symmetrised data distribution; near
+  t = 0 the x1-prediction target is then an average over all neuron orderings. Matching each x1 to its x0 picks,
+  among the functionally identical copies of x1, the one the straight path from x0 reaches fastest, so the
+  paths are short and the target at small t is far less ambiguous. It never mixes networks, so it is also
+  valid for task-conditioned flows;
+- ``ot-perm``: ``ot`` pairing, then ``perm`` within each pair.
 """
 
 from __future__ import annotations
@@ -13,17 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["COUPLINGS", "IndependentCoupling", "OTCoupling", "make_coupling", "pairwise_cost"]
+__all__ = ["COUPLINGS", "IndependentCoupling", "OTCoupling", "PermutationCoupling", "make_coupling", "pairwise_cost"]
 
-COUPLINGS = ("independent", "ot")
+COUPLINGS = ("independent", "ot", "perm", "ot-perm")
 
 
 @dataclass(frozen=True)
 class IndependentCoupling:
     """Pairs prior and data draws as they come."""
 
-    def __call__(self, x0: Tensor, x1: Tensor) -> Tensor:
-        return x0
+    def __call__(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        return x0, x1
 
 
 def pairwise_cost(x0: Tensor, x1: Tensor, manifold=None) -> Tensor:
@@ -44,7 +55,7 @@ class OTCoupling:
     cost: Literal["euclidean", "geodesic"] = "euclidean"
     manifold: object | None = None
 
-    def __call__(self, x0: Tensor, x1: Tensor) -> Tensor:
+    def __call__(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
         from scipy.optimize import linear_sum_assignment
 
         if x0.shape != x1.shape:
@@ -54,12 +65,43 @@ class OTCoupling:
         rows, cols = linear_sum_assignment(c.double().cpu().numpy())
         order = np.empty_like(rows)
         order[cols] = rows  # x0 row matched to each x1 column
-        return x0[torch.as_tensor(order, device=x0.device)]
+        return x0[torch.as_tensor(order, device=x0.device)], x1
 
 
-def make_coupling(name: str, manifold=None) -> IndependentCoupling | OTCoupling:
+@dataclass(frozen=True)
+class PermutationCoupling:
+    """Aligns each data draw to its (``base``-coupled) prior draw by weight matching of hidden neurons.
+
+    ``coords`` maps flow coordinates to networks and back (every coordinate system of
+    :mod:`metaflow_ws.flows.coordinates` is permutation equivariant, so permuting the decoded network and
+    encoding it again permutes the coordinates). ``max_iter`` bounds the coordinate-descent sweeps.
+    """
+
+    coords: object
+    base: IndependentCoupling | OTCoupling = IndependentCoupling()  # noqa: RUF009 - frozen, immutable
+    max_iter: int = 20
+
+    def __call__(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        from metaflow_ws.symmetry.align import weight_matching
+
+        x0, x1 = self.base(x0, x1)
+        spec = self.coords.spec
+        if not spec.hidden_widths:
+            return x0, x1
+        with torch.no_grad():
+            al = weight_matching(spec, self.coords.decode(x1), self.coords.decode(x0), max_iter=self.max_iter)
+            return x0, self.coords.encode(al.params).to(x1.dtype)
+
+
+def make_coupling(name: str, manifold=None, coords=None) -> IndependentCoupling | OTCoupling | PermutationCoupling:
+    """The coupling called ``name`` (see :data:`COUPLINGS`); ``perm`` couplings need the flow's ``coords``."""
+    ot = OTCoupling("geodesic" if manifold is not None else "euclidean", manifold)
     if name == "independent":
         return IndependentCoupling()
     if name == "ot":
-        return OTCoupling("geodesic" if manifold is not None else "euclidean", manifold)
+        return ot
+    if name in ("perm", "ot-perm"):
+        if coords is None:
+            raise ValueError(f"the {name!r} coupling needs the flow's coordinates (coords=flow.coords)")
+        return PermutationCoupling(coords, ot if name == "ot-perm" else IndependentCoupling())
     raise ValueError(f"unknown coupling {name!r}; expected one of {list(COUPLINGS)}")

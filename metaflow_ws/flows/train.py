@@ -192,9 +192,9 @@ def train_flow(
         raise ValueError("task-conditioned training needs both a flow config with an encoder and support data "
                          "(support=SupportSets(...)); unconditional training takes neither")
     if support is not None:
-        if train.coupling != "independent":
+        if train.coupling not in ("independent", "perm"):
             raise ValueError("mini-batch OT pairs networks of different tasks, which breaks a conditional flow; "
-                             "use TrainConfig(coupling='independent') for task-conditioned flows")
+                             "use TrainConfig(coupling='perm') or 'independent' for task-conditioned flows")
         if support.task_of.shape != (len(zoo),):
             raise ValueError(f"support.task_of must map each of the zoo's {len(zoo)} networks to a task; "
                              f"got shape {tuple(support.task_of.shape)}")
@@ -216,7 +216,7 @@ def train_flow(
     if not torch.isfinite(x1_all).all():
         raise ValueError("the zoo's weights give NaN/inf flow coordinates (zero or non-finite rows?)")
     flow.set_scale_from(x1_all)
-    coupling = make_coupling(train.coupling, flow.path_manifold if config.flow == "geometric" else None)
+    coupling = make_coupling(train.coupling, flow.path_manifold if config.flow == "geometric" else None, flow.coords)
     opt = torch.optim.AdamW(flow.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     ema = {k: v.detach().clone() for k, v in flow.state_dict().items()}
     gen = torch.Generator().manual_seed(train.seed + 1)
@@ -237,7 +237,7 @@ def train_flow(
         idx = torch.randint(n, (train.batch_size,), generator=gen).to(device)
         x1 = x1_all[idx]
         x0 = flow.sample_prior(train.batch_size, generator=gen)
-        x0 = coupling(x0, x1)
+        x0, x1 = coupling(x0, x1)
         t = beta12(train.batch_size, gen).to(device)
         cond = None
         if support is not None:
