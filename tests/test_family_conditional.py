@@ -150,3 +150,30 @@ def test_zoo_cli_family(tmp_path):
     z = Zoo.load(out)
     assert z.info["family"]["members"] == [0, 1, 2] and z.num_runs == 6
     assert family_support(z).x.shape[0] == 3
+
+
+def test_flow_method_runs_the_fewshot_protocol(tmp_path):
+    """The flow is a registered few-shot method: meta-trains (zoo + flow), proposes candidates, saves state."""
+    from metaflow_ws.fewshot.baselines import get_method, method_names
+    from metaflow_ws.fewshot.conditional import FlowMethod, FlowMethodConfig
+    from metaflow_ws.fewshot.episodes import get_family, stream_generator
+    from metaflow_ws.fewshot.protocol import run_protocol
+
+    assert "flow" in method_names()
+    fam = get_family("sinusoid")
+    settings = FlowMethodConfig(tasks=12, net_epochs=2, flow_steps=3, d_model=8, num_layers=1, sample_steps=2)
+    m = FlowMethod(fam, settings=settings)
+    info = m.meta_train(fam, iterations=100, generator=stream_generator(0, "train"))
+    assert info["flow_steps"] == 3 and info["zoo_networks"] == 12 * 2  # 2 epochs → both kept
+    ep = fam.test_set([5], n_tasks=4)[5]
+    cand = m.propose(ep.support_x, ep.support_y, 3, torch.Generator().manual_seed(0))
+    assert cand["layers.0.weight"].shape == (4, 3, 40, 1)
+    r = run_protocol(m, ep, steps=[0, 1], lr=0.01, n_candidates=3, generator=stream_generator(0, "propose"))
+    assert all(torch.isfinite(torch.tensor(s.mean)) for s in r.results)
+    with pytest.raises(ValueError, match="other model settings"):
+        get_method("flow", fam, seed=0).load_state_dict(m.state_dict())
+    other = FlowMethod(fam, settings=settings, seed=5)
+    other.load_state_dict(m.state_dict())
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(other.propose(ep.support_x, ep.support_y, 2, g())["layers.1.weight"],
+                       m.propose(ep.support_x, ep.support_y, 2, g())["layers.1.weight"])
