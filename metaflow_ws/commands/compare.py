@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoo", required=True, help="zoo file written by `metaflow-ws zoo`")
     p.add_argument("--out", required=True, help="folder for README.md, results.json and the trained flows")
     p.add_argument("--flows", nargs="+", default=["euclidean:ot", "normalized:ot", "geometric:ot"],
-                   help="flow variants: NAME[:ot][:unaligned] (default: all three, aligned, OT coupling)")
+                   help="flow variants: NAME[:COUPLING][:unaligned] with COUPLING one of ot, perm, ot-perm "
+                        "(default: all three, aligned, OT coupling)")
     p.add_argument("--steps", type=int, default=3000, help="training steps per flow")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--d-model", type=int, default=32)
@@ -30,11 +31,12 @@ def parse_run(text: str):
     from metaflow_ws.experiments.flows_table import FlowRun
 
     name, *opts = text.split(":")
-    unknown = set(opts) - {"ot", "unaligned"}
-    if name not in ("euclidean", "normalized", "geometric") or unknown:
+    couplings = [o for o in opts if o in ("ot", "perm", "ot-perm")]
+    unknown = set(opts) - {"ot", "perm", "ot-perm", "unaligned"}
+    if name not in ("euclidean", "normalized", "geometric") or unknown or len(couplings) > 1:
         raise ValueError(f"bad flow variant {text!r}; expected euclidean|normalized|geometric with optional "
-                         ":ot and/or :unaligned")
-    return FlowRun(name, coupling="ot" if "ot" in opts else "independent", align="unaligned" not in opts)
+                         ":ot, :perm or :ot-perm and/or :unaligned")
+    return FlowRun(name, coupling=couplings[0] if couplings else "independent", align="unaligned" not in opts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,8 +30,8 @@ class FlowRun:
     def label(self) -> str:
         parts = [self.flow.capitalize()]
         parts.append("aligned" if self.align else "unaligned")
-        if self.coupling == "ot":
-            parts.append("OT")
+        if self.coupling != "independent":
+            parts.append({"ot": "OT", "perm": "perm", "ot-perm": "OT+perm"}[self.coupling])
         return f"{parts[0]} ({'+'.join(parts[1:])})"
 
 
