@@ -47,7 +47,8 @@ class FlowMethodConfig:
     """Settings of the task-conditioned flow method (the defaults are what ``metaflow-ws fewshot`` runs)."""
 
     tasks: int = 2000  # meta-training tasks in the family zoo
-    task_points: int = 100  # examples per meta-training task (the networks' training data, support draws)
+    task_points: int = 100  # examples per meta-training task (the networks' training data, support draws;
+    #                         split evenly over the classes of an N-way family)
     net_epochs: int = 300  # target-network training (Adam at the family task's recipe)
     net_lr: float = 1e-2
     net_batch: int = 25
@@ -101,7 +102,8 @@ class FlowMethod(Method):
 
         s, spec = self.settings, self.spec
         t0 = time.perf_counter()
-        ep = self.family.sample(s.tasks, s.task_points, 1, generator)
+        shots = max(1, s.task_points // int(getattr(self.family, "n_way", 1)))  # classification: per class
+        ep = self.family.sample(s.tasks, shots, 1, generator)
         x, y = ep.support_x.to(self.device, torch.float32), ep.support_y.to(self.device, torch.float32)
         init = spec.init(1, scheme="kaiming_uniform", generator=stream_generator(self.seed, "init"))
         flat = spec.flatten(init).expand(s.tasks, -1).clone().to(self.device)
