@@ -6,6 +6,7 @@ from metaflow_ws.evaluation.baselines import (
     deep_ensemble,
     final_checkpoints,
     noise_baseline,
+    noise_baseline_matched_accuracy,
 )
 from metaflow_ws.evaluation.calibration import (
     ReliabilityBins,
@@ -25,6 +26,14 @@ from metaflow_ws.evaluation.diversity import (
     mean_pairwise_msd,
     pairwise_js_matrix,
 )
+from metaflow_ws.evaluation.detection import (
+    auroc,
+    corrupt_noise,
+    corrupt_row_permutation,
+    detection_aurocs,
+    midranks,
+    random_init,
+)
 from metaflow_ws.evaluation.ensemble import BMACurve, bma_curve, bma_curve_from_outputs, ensemble_metrics
 from metaflow_ws.evaluation.metrics import batch_metrics, evaluate_zoo
 from metaflow_ws.evaluation.novelty import AlignFn, NoveltyResult, nearest_neighbours, novelty, reference_scale
@@ -35,6 +44,12 @@ __all__ = [
     "NoveltyResult",
     "ReliabilityBins",
     "aligned_average_baseline",
+    "auroc",
+    "corrupt_noise",
+    "corrupt_row_permutation",
+    "detection_aurocs",
+    "midranks",
+    "random_init",
     "as_params",
     "batch_metrics",
     "bma_curve",
@@ -54,6 +69,7 @@ __all__ = [
     "nearest_neighbours",
     "network_outputs",
     "noise_baseline",
+    "noise_baseline_matched_accuracy",
     "novelty",
     "pairwise_js_matrix",
     "predictive_probs",

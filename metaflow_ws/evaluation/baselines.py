@@ -12,6 +12,8 @@ how the population was made; ``recipe``, ``seeds`` and ``task_args`` are those o
 * :func:`noise_baseline` — final checkpoints plus Gaussian noise ``N(0, σ²I)``, with σ found by bisection on
   ``log σ`` so that the population's functional diversity matches a target (e.g. that of flow samples): does a
   generative model buy more than diversity that noise would give?
+* :func:`noise_baseline_matched_accuracy` — the same noise population with σ chosen so that the mean accuracy
+  (or MSE) of its networks matches a target: at matched accuracy, is a generator more diverse or more novel?
 * :func:`aligned_average_baseline` — averages of random subsets of k aligned final checkpoints (model soups /
   weight averaging after alignment).
 """
@@ -29,7 +31,8 @@ from metaflow_ws.evaluation.diversity import functional_diversity
 from metaflow_ws.evaluation.novelty import AlignFn
 from metaflow_ws.io.zoo import Zoo
 
-__all__ = ["aligned_average_baseline", "deep_ensemble", "final_checkpoints", "noise_baseline"]
+__all__ = ["aligned_average_baseline", "deep_ensemble", "final_checkpoints", "noise_baseline",
+           "noise_baseline_matched_accuracy"]
 
 
 def _source_info(zoo: Zoo) -> dict:
@@ -186,6 +189,100 @@ def noise_baseline(
         **_source_info(zoo),
     }
     return _derived(zoo, population(sigma), info)
+
+
+@torch.no_grad()
+def noise_baseline_matched_accuracy(
+    zoo: Zoo,
+    x: Tensor,
+    y: Tensor,
+    target: float,
+    *,
+    generator: torch.Generator,
+    kind: str = "classification",
+    num_samples: int | None = None,
+    num_centers: int | None = None,
+    sigma_bounds: tuple[float, float] = (1e-4, 10.0),
+    atol: float = 2e-3,
+    max_iter: int = 40,
+) -> Zoo:
+    """Final checkpoints plus isotropic Gaussian weight noise whose scale gives a target mean quality.
+
+    ``x: (N, in)``, ``y: (N,)`` labels (or ``(N, out)`` regression targets) on which quality is measured;
+    ``target``: mean accuracy (classification) or mean MSE (regression) of the population. Centres, common
+    random numbers and ``num_samples`` / ``num_centers`` as in :func:`noise_baseline`; ``σ`` is found by bisection
+    on ``log σ`` (quality degrades with σ) until ``|quality − target| ≤ atol``. A target better than the
+    centres' own quality cannot be matched: then ``σ = sigma_bounds[0]`` and ``info["converged"]`` is False.
+    ``info``: ``sigma``, ``target``, ``achieved``, ``metric``, ``iterations``, ``converged``, ``center_runs``.
+    """
+    from metaflow_ws.evaluation.metrics import batch_metrics
+
+    if kind not in ("classification", "regression"):
+        raise ValueError(f"kind must be 'classification' or 'regression'; got {kind!r}")
+    spec = zoo.spec
+    fin = zoo.final()
+    m = len(fin) if num_centers is None else int(num_centers)
+    if not 1 <= m <= len(fin):
+        raise ValueError(f"num_centers must lie in [1, {len(fin)}] (the number of runs); got {m}")
+    s = m if num_samples is None else int(num_samples)
+    if s < 1:
+        raise ValueError(f"num_samples must be ≥ 1; got {s}")
+    lo, hi = (float(b) for b in sigma_bounds)
+    if not 0 < lo < hi:
+        raise ValueError(f"sigma_bounds must satisfy 0 < low < high; got {sigma_bounds}")
+    if not math.isfinite(target):
+        raise ValueError(f"target must be finite; got {target}")
+    metric = "accuracy" if kind == "classification" else "mse"
+    sign = 1.0 if kind == "classification" else -1.0  # "higher is better" orientation
+
+    centres = spec.flatten(fin.params)[:m]
+    assign = torch.arange(s) % m
+    base = centres[assign.to(centres.device)]
+    eps = torch.randn(s, spec.num_params, generator=generator, dtype=base.dtype).to(base.device)
+    x = x.to(base.device, base.dtype)
+    y = y.to(base.device, base.dtype) if y.is_floating_point() else y.to(base.device)
+
+    def quality(sigma: float) -> float:
+        return float(batch_metrics(spec, spec.unflatten(base + sigma * eps), x, y, kind)[metric].double().mean())
+
+    q_lo = quality(lo)
+    evals = [(abs(q_lo - target), lo)]
+    it = 0
+    if sign * (q_lo - target) < -atol:  # even the smallest noise is worse than the target
+        sigma, achieved, converged = lo, q_lo, False
+    else:
+        q_hi = quality(hi)
+        evals.append((abs(q_hi - target), hi))
+        grow = 0
+        while sign * (q_hi - target) > atol and grow < 6:
+            lo, hi = hi, hi * 10.0
+            q_hi = quality(hi)
+            evals.append((abs(q_hi - target), hi))
+            grow += 1
+        while min(evals)[0] > atol and it < max_iter:
+            mid = math.sqrt(lo * hi)
+            q_mid = quality(mid)
+            evals.append((abs(q_mid - target), mid))
+            if sign * (q_mid - target) > 0:
+                lo = mid
+            else:
+                hi = mid
+            it += 1
+        err, sigma = min(evals)
+        achieved = quality(sigma)
+        converged = err <= atol
+    info = {
+        "baseline": "noise_matched_quality",
+        "metric": metric,
+        "sigma": sigma,
+        "target": float(target),
+        "achieved": achieved,
+        "iterations": it,
+        "converged": converged,
+        "center_runs": fin.run_id[:m][assign].tolist(),
+        **_source_info(zoo),
+    }
+    return _derived(zoo, base + sigma * eps, info)
 
 
 @torch.no_grad()

@@ -1,0 +1,859 @@
+"""The evaluation protocol behind ``metaflow-ws report``: zoo → flows → samples → metrics, baselines, sweeps,
+likelihood detection → ``README.md`` + ``results.json`` + PNG figures in one folder.
+
+Stages (each timed): train or load the zoo; train (or, with ``reuse``, load) the three flows (aligned + OT,
+the headline budget) and, for ``breast_cancer``, the thesis's Table 4.1 grid of the three flows ×
+{unaligned, aligned, aligned+OT}; sample every flow; evaluate samples and baselines on the test split
+(accuracy, NLL, ECE, Brier, functional diversity, novelty, BMA curves); sweep integration steps, guidance
+strength and stochastic noise; loss barriers before/after alignment; likelihood AUROC of held-out trained
+networks against random-init and corrupted ones. Every file is written atomically; flows are kept under
+``OUT/flows/`` so that ``reuse=True`` skips retraining them.
+
+Seeds: zoo ``seed``; held-out trained networks ``seed + 1``; flow training ``seed``; sampling and baselines
+fixed offsets of ``seed`` (listed in ``results.json``). The best flow is chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaflow_ws.experiments.flows_table import FlowRun
+from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from metaflow_ws.io.zoo import Zoo
+from metaflow_ws.nets.spec import Params
+
+__all__ = ["ReportConfig", "run_report", "write_gaussian_toy"]
+
+FLOW_NAMES = ("euclidean", "normalized", "geometric")
+#: the thesis's Table 4.1 settings: (label, coupling, align)
+GRID_SETTINGS = (("unaligned", "independent", False), ("aligned", "independent", True), ("aligned+OT", "ot", True))
+#: relative weight-noise scale of the "noisy trained" negatives of the likelihood detection
+CORRUPTION_NOISE = 0.25
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Budgets and settings of one report (the CLI fills it; :meth:`quick_budget` gives the ``--quick`` budget)."""
+
+    task: str
+    out_dir: Path
+    quick: bool = False
+    zoo_path: Path | None = None
+    runs: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    steps: int = 3000
+    #: training steps of the Table 4.1 grid (breast_cancer); None → ``steps``
+    ablation_steps: int | None = None
+    #: train the flows × {unaligned, aligned, aligned+OT} grid; None → only for breast_cancer
+    ablation: bool | None = None
+    d_model: int = 32
+    num_layers: int = 3
+    lr: float = 2e-3
+    batch_size: int = 32
+    samples: int = 100
+    sample_steps: int = 64
+    solver: str = "euler"
+    bma_max: int = 32
+    bma_orderings: int = 10
+    step_sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    guidance_sweep: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+    noise_sweep: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5)
+    sweep_samples: int = 50
+    guidance_points: int = 512
+    lik_networks: int = 32
+    lik_steps: int = 16
+    lik_estimator: str = "hutchinson"
+    lik_probes: int = 2
+    barrier_pairs: int = 100
+    average_k: tuple[int, ...] = (2, 5)
+    reuse: bool = False
+    #: draw the PNG figures (off only to save time in tests)
+    figures: bool = True
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.zoo_path is not None:
+            object.__setattr__(self, "zoo_path", Path(self.zoo_path))
+        for k in ("steps", "samples", "sample_steps", "bma_max", "sweep_samples", "lik_networks", "lik_steps",
+                  "lik_probes", "barrier_pairs", "d_model", "num_layers", "batch_size", "bma_orderings"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"{k} must be ≥ 1; got {getattr(self, k)}")
+        if self.samples < 2:
+            raise ValueError(f"samples must be ≥ 2 (diversity needs pairs); got {self.samples}")
+        if self.lik_estimator not in ("exact", "hutchinson"):
+            raise ValueError(f"lik_estimator must be 'exact' or 'hutchinson'; got {self.lik_estimator!r}")
+
+    @property
+    def grid_steps(self) -> int:
+        return self.steps if self.ablation_steps is None else int(self.ablation_steps)
+
+    @classmethod
+    def quick_budget(cls, task: str, out_dir: str | Path, **overrides: Any) -> ReportConfig:
+        """The ``--quick`` budget: a small zoo, tiny flows trained for a few hundred steps, few samples."""
+        base: dict[str, Any] = dict(
+            quick=True, runs=10, steps=300, d_model=16, num_layers=2, samples=32, sample_steps=16,
+            step_sweep=(1, 4, 16, 32), guidance_sweep=(0.0, 0.1, 1.0), noise_sweep=(0.0, 0.2), sweep_samples=16,
+            guidance_points=256, lik_networks=12, lik_steps=8, lik_probes=1, barrier_pairs=20, bma_orderings=4,
+            average_k=(2,),
+        )
+        base.update(overrides)
+        return cls(task=task, out_dir=Path(out_dir), **base)
+
+
+@dataclass
+class _Clock:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+
+def _folder_name(run: FlowRun, steps: int) -> str:
+    return f"{run.flow}_{run.coupling}_{'aligned' if run.align else 'unaligned'}_{steps}"
+
+
+def _mean_std(t: Tensor) -> tuple[float, float]:
+    t = t.double()
+    return float(t.mean()), (float(t.std(unbiased=False)) if t.numel() > 1 else 0.0)
+
+
+# ============================================================================================= entry point
+def run_report(cfg: ReportConfig, *, command: str | None = None,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the protocol of ``cfg`` and write ``README.md``, ``results.json`` and ``figures/*.png`` into
+    ``cfg.out_dir``. Returns the ``results.json`` dict. ``command`` is recorded verbatim in the README."""
+    from metaflow_ws.tasks.registry import get_task
+
+    log = log or (lambda s: None)
+    task = get_task(cfg.task)
+    command = command or f"metaflow-ws report --task {cfg.task}{' --quick' if cfg.quick else ''}"
+    if task.kind == "synthetic":
+        if task.name != "gaussian_toy":
+            raise ValueError(f"task {task.name!r} is a synthetic weight family; the report covers classification "
+                             "tasks and gaussian_toy")
+        return write_gaussian_toy(cfg, command=command, log=log)
+    if task.kind != "classification":
+        raise ValueError(f"the report covers classification tasks (and gaussian_toy); {task.name!r} is "
+                         f"{task.kind}")
+    return _Report(cfg, task, command, log).run()
+
+
+def write_gaussian_toy(cfg: ReportConfig, *, command: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """``gaussian_toy``: delegate to :func:`metaflow_ws.experiments.gaussian_toy.run_gaussian_toy` and write its
+    README section, figures and results."""
+    try:
+        from metaflow_ws.experiments.gaussian_toy import run_gaussian_toy
+    except ImportError as e:
+        raise ValueError("the gaussian_toy reproduction is not available in this installation "
+                         "(metaflow_ws.experiments.gaussian_toy.run_gaussian_toy could not be imported: "
+                         f"{e}); the other tasks' reports do not need it") from None
+    t0 = time.perf_counter()
+    log("gaussian_toy: running the reproduction ...")
+    from metaflow_ws.errors import resolve_device
+
+    res = run_gaussian_toy(cfg.out_dir, quick=cfg.quick, seed=cfg.seed, device=resolve_device(cfg.device))
+    seconds = time.perf_counter() - t0
+    figures = [Path(f) for f in res.get("figures", [])]
+    head = _header(cfg, "gaussian_toy", command, seconds)
+    figs = "\n".join(f"![{f.stem}]({_rel(f, cfg.out_dir)})" for f in figures)
+    text = head + "\n" + res["markdown"].strip() + "\n" + (f"\n## Figures\n\n{figs}\n" if figs else "")
+    results = {"command": command, "task": "gaussian_toy", "quick": cfg.quick, "seed": cfg.seed,
+               "seconds": seconds, "figures": [_rel(f, cfg.out_dir) for f in figures], "results": res["results"],
+               "environment": _environment()}
+    atomic_write_json(cfg.out_dir / "results.json", _jsonable(results))
+    atomic_write_text(cfg.out_dir / "README.md", text)
+    return results
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+
+
+def _header(cfg: ReportConfig, name: str, command: str, seconds: float) -> str:
+    lines = [f"# {name}: evaluation report", "", f"Written by `{command}` in {seconds / 60:.1f} min "
+             f"(seed {cfg.seed}, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)).", ""]
+    if cfg.quick:
+        lines += ["> **Quick run (`--quick`)**: tiny flows, few training steps and samples. These numbers check "
+                  "that the pipeline works; they are **not** the real results — run without `--quick` for those.",
+                  ""]
+    return "\n".join(lines)
+
+
+# ================================================================================================ report
+class _Report:
+    def __init__(self, cfg: ReportConfig, task, command: str, log: Callable[[str], None]) -> None:
+        from metaflow_ws.errors import resolve_device
+
+        self.cfg, self.task, self.command, self.log = cfg, task, command, log
+        self.device = resolve_device(cfg.device)
+        self.out = cfg.out_dir
+        self.fig_dir = self.out / "figures"
+        self.clock = _Clock()
+        self.spec = task.spec
+        self.results: dict[str, Any] = {"command": command, "task": task.name, "quick": cfg.quick,
+                                        "config": _jsonable(dataclasses.asdict(cfg)), "environment": _environment()}
+        self.figures: dict[str, str] = {}
+
+    # ---------------------------------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self.log(f"{self.task.name}: {stage} ...")
+        try:
+            yield
+        finally:
+            self.clock.add(stage, time.perf_counter() - t0)
+
+    def _gen(self, offset: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000 + offset)
+
+    def _figure(self, name: str, draw: Callable[[], bytes], caption: str) -> None:
+        if not self.cfg.figures:
+            return
+        atomic_write_bytes(self.fig_dir / f"{name}.png", draw())
+        self.figures[name] = caption
+
+    # ---------------------------------------------------------------------------------------- stages
+    def run(self) -> dict[str, Any]:
+        t_all = time.perf_counter()
+        cfg = self.cfg
+        with self._timed("zoo"):
+            self._zoo()
+        with self._timed("held-out trained networks"):
+            self._heldout()
+        with self._timed("flow training (or loading)"):
+            self._flows()
+        with self._timed("sampling"):
+            self._sample_all()
+        with self._timed("evaluation and baselines"):
+            self._evaluate()
+        with self._timed("sweeps: steps, guidance, noise"):
+            self._sweeps()
+        with self._timed("loss barriers"):
+            self._barriers()
+        with self._timed("likelihood detection"):
+            self._likelihood()
+        self._goals()
+        seconds = time.perf_counter() - t_all
+        self.results["seconds"] = seconds
+        self.results["stage_seconds"] = dict(self.clock.stages)
+        self.results["figures"] = {k: f"figures/{k}.png" for k in self.figures}
+        self.results["seeds"] = {
+            "zoo": cfg.seed, "held_out_networks": cfg.seed + 1, "flow_training": cfg.seed,
+            "sampling": f"torch.Generator seeded {cfg.seed}*1000 + offset (100 samples, 200 steps sweep, "
+                        "300 guidance, 400 noise, 500 baselines, 600 likelihood, 700 BMA orderings)",
+            "data_split": int(self.zoo.seeds.get("data_seed", 0)),
+        }
+        atomic_write_json(self.out / "results.json", _jsonable(self.results))
+        atomic_write_text(self.out / "README.md", self._markdown(seconds))
+        return self.results
+
+    def _zoo(self) -> None:
+        from metaflow_ws.train import train_population
+
+        cfg, task = self.cfg, self.task
+        if cfg.zoo_path is not None:
+            zoo = Zoo.load(cfg.zoo_path)
+            if zoo.task != task.name or zoo.spec != task.spec:
+                raise ValueError(f"--zoo {cfg.zoo_path} holds {zoo.spec.describe()} networks of task {zoo.task!r}, "
+                                 f"not {task.name!r} ({task.spec.describe()})")
+            source = f"loaded from `{cfg.zoo_path}`"
+        else:
+            path = self.out / "zoo.safetensors"
+            runs = cfg.runs or task.recipe.runs
+            epochs = cfg.epochs or task.recipe.epochs
+            zoo = None
+            if cfg.reuse and path.is_file():
+                cand = Zoo.load(path)
+                if (cand.num_runs == runs and int(cand.seeds.get("seed", -1)) == cfg.seed
+                        and int(cand.info.get("epochs", -1)) == epochs):
+                    zoo, source = cand, f"reused `{_rel(path, self.out)}`"
+            if zoo is None:
+                self.log(f"training the {task.name} zoo: {runs} runs × {epochs} epochs ...")
+                zoo = train_population(task, runs, epochs=epochs, seed=cfg.seed)
+                zoo.save(path)
+                source = (f"trained by this command (`metaflow-ws zoo {task.name} --runs {runs} --epochs {epochs} "
+                          f"--seed {cfg.seed}`), saved as `zoo.safetensors`")
+        self.zoo = zoo
+        self.final = zoo.final()
+        data = task.data(int(zoo.seeds.get("data_seed", 0)))
+        self.x_tr, self.y_tr = data.split("train")
+        self.x_val, self.y_val = data.split("val")
+        self.x_te, self.y_te = data.split("test")
+        ref = self.spec.state_dict_of(zoo.params, 0)
+        self.reference = ref
+        self.results["zoo"] = {"source": source, "runs": zoo.num_runs, "checkpoints": len(zoo),
+                               "architecture": self.spec.describe(), "params": self.spec.num_params,
+                               "recipe": dict(zoo.recipe), "epochs": zoo.info.get("epochs"),
+                               "test_size": int(self.x_te.shape[0]), "val_size": int(self.x_val.shape[0])}
+
+    def _align(self, params: Params) -> Params:
+        """Permutation alignment (weight matching) to the flows' reference, zoo checkpoint 0."""
+        from metaflow_ws.symmetry import weight_matching
+
+        return weight_matching(self.spec, params, self.reference, generator=torch.Generator().manual_seed(0)).params
+
+    def _align_canonical(self, params: Params) -> Params:
+        """Alignment then ReLU-scale canonicalization: the representative used for novelty distances."""
+        from metaflow_ws.symmetry import canonicalize
+
+        return canonicalize(self.spec, self._align(params))
+
+    def _heldout(self) -> None:
+        from metaflow_ws.train import train_population
+
+        cfg = self.cfg
+        runs = max(cfg.lik_networks, 2)
+        z = train_population(self.task, runs, epochs=cfg.epochs or self.task.recipe.epochs, seed=cfg.seed + 1,
+                             evaluate=False)
+        self.heldout = z.final()
+
+    # ------------------------------------------------------------------------------------------ flows
+    def _runs(self) -> tuple[list[tuple[FlowRun, int]], list[tuple[FlowRun, int]]]:
+        cfg = self.cfg
+        headline = [(FlowRun(f, "ot", True), cfg.steps) for f in FLOW_NAMES]
+        ablation = cfg.ablation if cfg.ablation is not None else self.task.name == "breast_cancer"
+        grid = ([(FlowRun(f, c, a), cfg.grid_steps) for f in FLOW_NAMES for _, c, a in GRID_SETTINGS]
+                if ablation else [])
+        return headline, grid
+
+    def _flows(self) -> None:
+        headline, grid = self._runs()
+        self.headline, self.grid = headline, grid
+        self.flows: dict[str, Any] = {}
+        self.flow_info: dict[str, dict[str, Any]] = {}
+        for run, steps in dict.fromkeys(headline + grid):
+            name = _folder_name(run, steps)
+            flow, info = self._flow(run, steps, self.out / "flows" / name)
+            self.flows[name], self.flow_info[name] = flow, info
+        self.results["flows"] = self.flow_info
+
+    def _flow(self, run: FlowRun, steps: int, folder: Path):
+        from metaflow_ws.flows import FlowConfig, TrainConfig, WeightFlow, train_flow
+
+        cfg, zoo = self.cfg, self.zoo
+        fcfg = FlowConfig(flow=run.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
+                          prior_std=float(zoo.recipe.get("init_std", 0.1)), d_model=cfg.d_model,
+                          num_layers=cfg.num_layers)
+        tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, coupling=run.coupling, align=run.align,
+                           seed=cfg.seed)
+        info: dict[str, Any] = {"label": run.label, "flow": run.flow, "coupling": run.coupling, "aligned": run.align,
+                                "steps": steps, "folder": _rel(folder, self.out)}
+        if cfg.reuse and _matches(folder, fcfg, tcfg, zoo):
+            flow = WeightFlow.from_pretrained(folder, device=self.device)
+            meta = json.loads((folder / "config.json").read_text())
+            info.update(reused=True, train_seconds=meta.get("seconds"), final_loss=meta.get("final_loss"))
+            self.log(f"  reusing {run.label}, {steps} steps ({folder})")
+        else:
+            self.log(f"  training {run.label}: {steps} steps ...")
+            res = train_flow(zoo, fcfg, tcfg, folder, device=self.device)
+            flow = res.flow
+            info.update(reused=False, train_seconds=res.seconds, final_loss=res.final_loss,
+                        steps_per_second=res.steps_per_second)
+        info["flow_params"] = sum(p.numel() for p in flow.field.parameters())
+        flow.eval()
+        return flow, info
+
+    # ---------------------------------------------------------------------------------------- sampling
+    def _draw(self, name: str, n: int, *, steps: int | None = None, noise: float = 0.0, guidance: float = 0.0,
+              offset: int = 100) -> Params:
+        from metaflow_ws.flows import SampleConfig, sample
+
+        cfg = self.cfg
+        flow = self.flows[name]
+        sc = SampleConfig(steps=steps or cfg.sample_steps, solver=cfg.solver, noise=noise, guidance=guidance)
+        gd = None
+        if guidance > 0:
+            k = min(cfg.guidance_points, self.x_tr.shape[0])
+            gd = (self.x_tr[:k].to(self.device), self.y_tr[:k].to(self.device), self.task.kind)
+        x = sample(flow, n, sc, generator=self._gen(offset), guidance_data=gd)
+        return {k: v.detach().cpu().float() for k, v in flow.decode(x).items()}
+
+    def _sample_all(self) -> None:
+        self.samples: dict[str, Params] = {}
+        for name in self.flows:
+            t0 = time.perf_counter()
+            self.samples[name] = self._draw(name, self.cfg.samples)
+            self.flow_info[name]["sample_seconds"] = time.perf_counter() - t0
+            Zoo.from_params(self.task.name, self.spec, self.samples[name],
+                            info={"source": "flow", "flow": name}).save(self.out / "flows" / name / "samples.safetensors")
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def _metrics(self, params: Params, *, novelty: bool = True, bma: bool = True) -> dict[str, Any]:
+        from metaflow_ws.evaluation import bma_curve, full_metrics, functional_diversity
+        from metaflow_ws.evaluation import novelty as novelty_fn
+
+        m = full_metrics(self.task, params, "test", data_seed=int(self.zoo.seeds.get("data_seed", 0)))
+        n = self.spec.batch_size(params)
+        row: dict[str, Any] = {"n": n}
+        for k, v in m.items():
+            row[f"{k}_mean"], row[f"{k}_std"] = _mean_std(v)
+        row["accuracies"] = m["accuracy"].tolist()
+        row["diversity"] = float(functional_diversity(self.spec, params, self.x_te)) if n > 1 else 0.0
+        if novelty:
+            nov = novelty_fn(params, self.zoo, align_fn=self._align_canonical).summary()
+            row["novelty_median"], row["novelty_mean"] = nov["ratio_median"], nov["ratio_mean"]
+            row["near_copies"] = nov["fraction_below_0.1"]
+        if bma and n > 1:
+            curve = bma_curve(self.spec, params, self.x_te, self.y_te, num_orderings=self.cfg.bma_orderings,
+                              generator=self._gen(700), max_k=min(self.cfg.bma_max, n))
+            row["bma"] = {"k": curve.ks.tolist(), "accuracy": curve.accuracy.tolist(), "nll": curve.nll.tolist()}
+            row["bma_k"], row["bma_accuracy"], row["bma_nll"] = int(curve.ks[-1]), float(curve.accuracy[-1]), \
+                float(curve.nll[-1])
+        return row
+
+    def _val_accuracy(self, params: Params) -> float:
+        from metaflow_ws.evaluation import batch_metrics
+
+        if self.x_val.shape[0] == 0:
+            return float("nan")
+        return float(batch_metrics(self.spec, params, self.x_val, self.y_val, "classification")["accuracy"].mean())
+
+    def _evaluate(self) -> None:
+        from metaflow_ws.evaluation import (
+            aligned_average_baseline,
+            ensemble_metrics,
+            noise_baseline,
+            noise_baseline_matched_accuracy,
+        )
+
+        cfg = self.cfg
+        rows: list[dict[str, Any]] = []
+        zoo_row = {"method": f"Zoo networks ({self.zoo.recipe.get('optimizer', '?')}-trained, final checkpoints)",
+                   "kind": "zoo", **self._metrics(self.final.params, novelty=False)}
+        rows.append(zoo_row)
+        ens = ensemble_metrics(self.spec, self.final.params, self.x_te, self.y_te)
+        rows.append({"method": f"Deep ensemble (BMA of all {self.zoo.num_runs} final checkpoints)", "kind": "ensemble",
+                     "n": self.zoo.num_runs, **{f"{k}_mean": v for k, v in ens.items()},
+                     **{f"{k}_std": None for k in ens}})
+        rows.append({"method": "Held-out trained networks (new seed)", "kind": "heldout",
+                     **self._metrics(self.heldout.params, bma=False)})
+        for run, steps in self.headline:
+            name = _folder_name(run, steps)
+            rows.append({"method": f"{run.label}, {steps} steps", "kind": "flow", "flow": name,
+                         **self._metrics(self.samples[name])})
+        # the best headline flow, chosen on the validation split
+        val = {(_folder_name(r, s)): self._val_accuracy(self.samples[_folder_name(r, s)]) for r, s in self.headline}
+        self.best = max(val, key=lambda k: (val[k] if math.isfinite(val[k]) else -1.0))
+        self.results["validation_accuracy"] = val
+        self.results["best_flow"] = self.best
+        baselines: list[dict[str, Any]] = []
+        for run, steps in self.headline:
+            name = _folder_name(run, steps)
+            frow = next(r for r in rows if r.get("flow") == name)
+            entry: dict[str, Any] = {"flow": name, "label": run.label, "flow_accuracy": frow["accuracy_mean"],
+                                     "flow_diversity": frow["diversity"], "flow_novelty": frow["novelty_median"]}
+            nb = None
+            for centers in (None, 1):  # flow samples less diverse than distinct runs: perturb one network
+                try:
+                    nb = noise_baseline(self.zoo, self.x_te, self.samples[name], generator=self._gen(500),
+                                        num_samples=cfg.samples, num_centers=centers)
+                    break
+                except ValueError as e:
+                    entry["matched_diversity_error"] = str(e)
+            m_div = None
+            if nb is not None:
+                m_div = self._metrics(nb.params, bma=name == self.best)
+                entry["matched_diversity"] = {"sigma": nb.info["sigma"],
+                                              "centers": len(set(nb.info["center_runs"])), **_strip(m_div)}
+            na = noise_baseline_matched_accuracy(self.zoo, self.x_te, self.y_te, frow["accuracy_mean"],
+                                                 generator=self._gen(501), num_samples=cfg.samples)
+            m_acc = self._metrics(na.params, bma=False)
+            entry["matched_accuracy"] = {"sigma": na.info["sigma"], "converged": na.info["converged"],
+                                         **_strip(m_acc)}
+            baselines.append(entry)
+            if name == self.best and m_div is not None:
+                rows.append({"method": f"Noise baseline, diversity matched to {run.label}", "kind": "noise",
+                             **m_div})
+                rows.append({"method": f"Noise baseline, accuracy matched to {run.label}", "kind": "noise_acc",
+                             **m_acc})
+        for k in cfg.average_k:
+            if k <= self.zoo.num_runs:
+                avg = aligned_average_baseline(self.zoo, k, cfg.samples, align_fn=self._align,
+                                               generator=self._gen(502 + k))
+                rows.append({"method": f"Aligned averages of {k} final checkpoints", "kind": "average",
+                             **self._metrics(avg.params, bma=False)})
+        self.rows = rows
+        self.results["table"] = [_strip(r) for r in rows]
+        self.results["noise_baselines"] = baselines
+        self.results["accuracies"] = {r["method"]: r["accuracies"] for r in rows if "accuracies" in r}
+        # Table 4.1 grid
+        if self.grid:
+            grid = []
+            for run, steps in self.grid:
+                name = _folder_name(run, steps)
+                m = self._metrics(self.samples[name], novelty=False, bma=False)
+                grid.append({"flow": run.flow, "setting": next(lbl for lbl, c, a in GRID_SETTINGS
+                                                               if c == run.coupling and a == run.align),
+                             "steps": steps, "folder": name, **_strip(m)})
+            self.results["table_4_1"] = grid
+        # figures: BMA, histogram
+        curves = {r["method"]: r["bma"] for r in rows if "bma" in r and r["kind"] in ("zoo", "flow", "noise")}
+        for c in curves.values():
+            c.setdefault("k", list(range(1, len(c["accuracy"]) + 1)))
+        from metaflow_ws.experiments import report_plots as rp
+
+        self._figure("bma", lambda: rp.bma_plot({("Deep ensemble (trained networks)" if k.startswith("Zoo") else k): v
+                                         for k, v in curves.items()},
+                                        f"{self.task.name}: Bayesian model averaging", zoo_row["accuracy_mean"]),
+                     "Accuracy and NLL of the model average of k networks (mean over random orderings): flow "
+                     "samples, the trained networks (deep ensemble) and the diversity-matched noise baseline.")
+        hist = {r["method"]: r["accuracies"] for r in rows if r["kind"] in ("zoo", "flow")}
+        self._figure("accuracy_histogram", lambda: rp.histogram_plot(hist, xlabel="test accuracy of each network",
+                                                             title=f"{self.task.name}: sample accuracies vs the zoo"),
+                     "Test accuracy of every sampled network next to the zoo's trained networks.")
+
+    # ------------------------------------------------------------------------------------------- sweeps
+    def _quality(self, params: Params) -> dict[str, float]:
+        from metaflow_ws.evaluation import batch_metrics, functional_diversity
+
+        m = batch_metrics(self.spec, params, self.x_te, self.y_te, "classification")
+        return {"accuracy": float(m["accuracy"].mean()), "nll": float(m["loss"].mean()),
+                "diversity": float(functional_diversity(self.spec, params, self.x_te))}
+
+    def _sweeps(self) -> None:
+        from metaflow_ws.experiments import report_plots as rp
+
+        cfg = self.cfg
+        n = min(cfg.sweep_samples, cfg.samples)
+        steps_series: dict[str, dict[str, list[float]]] = {}
+        for run, steps in self.headline:
+            name = _folder_name(run, steps)
+            vals = [self._quality(self._draw(name, n, steps=k, offset=200)) for k in cfg.step_sweep]
+            steps_series[run.label] = {m: [v[m] for v in vals] for m in ("accuracy", "nll", "diversity")}
+        best = self.best
+        label = self.flow_info[best]["label"]
+        g_vals = [self._quality(self._draw(best, n, guidance=lam, offset=300)) for lam in cfg.guidance_sweep]
+        n_vals = [self._quality(self._draw(best, n, noise=eps, offset=400)) for eps in cfg.noise_sweep]
+        zoo_row = self.rows[0]
+        ref = {"accuracy": zoo_row["accuracy_mean"], "nll": zoo_row["nll_mean"], "diversity": zoo_row["diversity"]}
+        self.results["sweeps"] = {
+            "samples": n, "flow": best,
+            "steps": {"values": list(cfg.step_sweep), "series": steps_series},
+            "guidance": {"values": list(cfg.guidance_sweep), "series": {label: _columns(g_vals)},
+                         "guidance_points": min(cfg.guidance_points, int(self.x_tr.shape[0]))},
+            "noise": {"values": list(cfg.noise_sweep), "series": {label: _columns(n_vals)}},
+        }
+        self._figure("steps", lambda: rp.sweep_plot(list(cfg.step_sweep), steps_series, xlabel="integration steps",
+                                            metrics=("accuracy", "nll"), logx=True, reference=ref,
+                                            title=f"{self.task.name}: quality vs integration steps ({cfg.solver})"),
+                     f"Mean test accuracy and NLL of {n} samples per point vs the number of {cfg.solver} steps.")
+        self._figure("guidance", lambda: rp.sweep_plot(list(cfg.guidance_sweep), {label: _columns(g_vals)},
+                                               xlabel="guidance strength λ", metrics=("accuracy", "nll", "diversity"),
+                                               logx=True, reference=ref,
+                                               title=f"{self.task.name}: task-loss guidance ({label})"),
+                     "Guidance by the training-loss gradient (x ← exp_x(dt·(v − λ∇L))): test accuracy, NLL and "
+                     "diversity vs λ.")
+        self._figure("noise", lambda: rp.sweep_plot(list(cfg.noise_sweep), {label: _columns(n_vals)},
+                                            xlabel="stochastic sampling noise ε", metrics=("accuracy", "nll", "diversity"),
+                                            logx=True, reference=ref,
+                                            title=f"{self.task.name}: stochastic sampling ({label})"),
+                     "Stochastic sampling (ε·sqrt(dt) tangent noise at every step but the last): accuracy, NLL "
+                     "and diversity vs ε.")
+
+    # ------------------------------------------------------------------------------------------ barrier
+    def _barriers(self) -> None:
+        from metaflow_ws.experiments import report_plots as rp
+        from metaflow_ws.symmetry import zoo_barrier
+
+        runs = self.zoo.num_runs
+        pairs = min(self.cfg.barrier_pairs, runs * (runs - 1) // 2)
+        out, curves = {}, {}
+        for label, align in (("unaligned", None), ("aligned (weight matching)", "weight")):
+            r = zoo_barrier(self.zoo, pairs=pairs, align=align, generator=self._gen(800))
+            out[label] = r.summary()
+            curves[label] = {"mean": r.result.losses.double().mean(0).tolist(),
+                             "std": r.result.losses.double().std(0, unbiased=False).tolist()}
+            alphas = r.result.alphas.tolist()
+        self.results["barrier"] = {"pairs": pairs, "alphas": alphas, "summary": out, "curves": curves}
+        self._figure("barrier", lambda: rp.barrier_plot(alphas, curves, f"{self.task.name}: loss along linear paths "
+                                                                 f"({pairs} pairs of final checkpoints)"),
+                     "Test loss along θ(α) = (1−α)θa + αθb between final checkpoints of distinct runs, before and "
+                     "after permutation alignment (mean ± std over pairs).")
+
+    # --------------------------------------------------------------------------------------- likelihood
+    def _likelihood(self) -> None:
+        from metaflow_ws.evaluation.detection import (
+            corrupt_noise,
+            corrupt_row_permutation,
+            detection_aurocs,
+            random_init,
+        )
+        from metaflow_ws.experiments import report_plots as rp
+        from metaflow_ws.flows.likelihood import log_likelihood
+
+        cfg = self.cfg
+        n = min(cfg.lik_networks, len(self.heldout))
+        held = {k: v[:n] for k, v in self.heldout.params.items()}
+        rec = self.task.recipe
+        pops: dict[str, Params] = {
+            "held-out trained": held,
+            "zoo (training) networks": {k: v[:n] for k, v in self.final.params.items()},
+            "random init": random_init(self.spec, n, scheme=rec.init, std=rec.init_std, generator=self._gen(600)),
+            f"trained + noise ({CORRUPTION_NOISE:g}·RMS)": corrupt_noise(self.spec, held, CORRUPTION_NOISE,
+                                                                        generator=self._gen(601)),
+            "rows permuted (inconsistently)": corrupt_row_permutation(self.spec, held, generator=self._gen(602)),
+        }
+        aligned = {k: self._align(v) for k, v in pops.items()}
+        out: dict[str, Any] = {"networks": n, "steps": cfg.lik_steps, "estimator": cfg.lik_estimator,
+                               "n_probes": cfg.lik_probes if cfg.lik_estimator == "hutchinson" else 0,
+                               "noise_scale": CORRUPTION_NOISE, "flows": {}}
+        panels = {}
+        for run, steps in self.headline:
+            name = _folder_name(run, steps)
+            flow = self.flows[name]
+            t0 = time.perf_counter()
+            use = aligned if flow.config.aligned else pops
+            sizes = [self.spec.batch_size(p) for p in use.values()]
+            both = {k: torch.cat([p[k] for p in use.values()]) for k in self.spec.shapes}  # one batch for all
+            res = log_likelihood(flow, both, steps=cfg.lik_steps, estimator=cfg.lik_estimator,
+                                 n_probes=cfg.lik_probes, generator=self._gen(603))
+            dim = res.dim
+            scores = dict(zip(use, (res.log_prob.double() / dim).split(sizes)))
+            negatives = {k: v for k, v in scores.items() if k not in ("held-out trained", "zoo (training) networks")}
+            det = detection_aurocs(scores["held-out trained"], negatives)
+            det["zoo (training) networks"] = {**detection_aurocs(scores["zoo (training) networks"], {})["positive"]}
+            out["flows"][name] = {"label": run.label, "dim": dim, "seconds": time.perf_counter() - t0,
+                                  "nats_per_dim": det, "scores": {k: v.tolist() for k, v in scores.items()}}
+            panels[run.label] = {"scores": {k: v.tolist() for k, v in scores.items()},
+                                 "auroc": {k: v["auroc"] for k, v in det.items() if "auroc" in v}}
+        self.results["likelihood"] = out
+        self._figure("likelihood", lambda: rp.likelihood_plot(panels, f"{self.task.name}: log-likelihood under each flow"),
+                     "Log-likelihood per dimension of held-out trained networks vs random-init, noisy and "
+                     "row-permuted ones (AUROC of telling held-out trained networks from each).")
+
+    # -------------------------------------------------------------------------------------------- goals
+    def _goals(self) -> None:
+        goals: list[dict[str, Any]] = []
+        flows = {r["flow"]: r for r in self.rows if r["kind"] == "flow"}
+        zoo_acc = self.rows[0]["accuracy_mean"]
+        if self.task.name == "breast_cancer":
+            geo = flows[_folder_name(FlowRun("geometric", "ot", True), self.cfg.steps)]
+            goals.append({"goal": "Geometric flow mean test accuracy ≥ 0.993", "value": geo["accuracy_mean"],
+                          "met": geo["accuracy_mean"] >= 0.993})
+            goals.append({"goal": "Geometric flow mean test NLL ≤ 0.018", "value": geo["nll_mean"],
+                          "met": geo["nll_mean"] <= 0.018})
+        else:
+            best = flows[self.best]
+            ratio = best["accuracy_mean"] / zoo_acc
+            goals.append({"goal": "best flow per-sample accuracy ≥ 90 % of the trained networks' mean",
+                          "value": ratio, "met": ratio >= 0.9,
+                          "detail": f"{best['accuracy_mean']:.4f} / {zoo_acc:.4f}"})
+            bma = max(best.get("bma", {}).get("accuracy", [float("nan")])[: self.cfg.bma_max])
+            goals.append({"goal": f"BMA over ≤ {self.cfg.bma_max} samples ≥ the trained networks' mean accuracy",
+                          "value": bma, "met": bma >= zoo_acc, "detail": f"{bma:.4f} vs {zoo_acc:.4f}"})
+            nb = next(b for b in self.results["noise_baselines"] if b["flow"] == self.best)["matched_accuracy"]
+            met = best["diversity"] > nb["diversity"] and best["novelty_median"] > nb["novelty_median"]
+            goals.append({"goal": "novelty and diversity above the noise baseline at matched accuracy",
+                          "value": {"flow": [best["diversity"], best["novelty_median"]],
+                                    "noise": [nb["diversity"], nb["novelty_median"]]}, "met": met,
+                          "detail": f"diversity {best['diversity']:.4f} vs {nb['diversity']:.4f}, novelty "
+                                    f"{best['novelty_median']:.3f} vs {nb['novelty_median']:.3f}"})
+        self.results["goals"] = goals
+
+    # ------------------------------------------------------------------------------------------ markdown
+    def _markdown(self, seconds: float) -> str:
+        cfg, r = self.cfg, self.results
+        z = r["zoo"]
+        lines = [_header(cfg, self.task.name, self.command, seconds)]
+        lines += [
+            f"Zoo: {z['runs']} runs, {z['checkpoints']} checkpoints of {z['architecture']} ({z['params']} parameters), "
+            f"{z['source']}. Test split: {z['test_size']} points (validation {z['val_size']}). Flows: Relational "
+            f"Transformer d={cfg.d_model} × {cfg.num_layers} layers, batch {cfg.batch_size}, AdamW lr {cfg.lr}, "
+            f"prior N(0, σ²I) with the zoo's init σ; {cfg.samples} samples per flow, {cfg.solver} with "
+            f"{cfg.sample_steps} steps. Metrics on the test split, mean ± std over networks. Best flow (by "
+            f"validation accuracy): **{self.flow_info[self.best]['label']}**.",
+            "",
+            "## Goals",
+            "",
+            "| goal | value | status |",
+            "|---|---|---|",
+        ]
+        for g in r["goals"]:
+            val = g.get("detail") or (f"{g['value']:.4f}" if isinstance(g["value"], float) else str(g["value"]))
+            lines.append(f"| {g['goal']} | {val} | {'met' if g['met'] else '**not met**'} |")
+        lines += ["", "## Samples and baselines", "",
+                  "Diversity: mean pairwise Jensen–Shannon divergence of the predictive distributions on the test "
+                  "inputs (nats, exact for categorical outputs). Novelty: distance to the nearest training "
+                  "checkpoint after permutation alignment and ReLU-scale canonicalization, divided by the median "
+                  "distance between final checkpoints of distinct runs (median over samples; ~0 = copy, ~1 = as "
+                  f"far as another run); near-copies: fraction below 0.1. BMA: model average of k = min({cfg.bma_max}, n) "
+                  "networks (mean over random orderings).", "",
+                  "| method | n | accuracy | NLL | ECE | Brier | diversity | novelty | near-copies | BMA acc | BMA NLL |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in self.rows:
+            lines.append("| " + " | ".join([
+                row["method"], str(row["n"]), _pm(row, "accuracy"), _pm(row, "nll"), _pm(row, "ece"),
+                _pm(row, "brier"), _f(row.get("diversity")), _f(row.get("novelty_median"), 3),
+                _f(row.get("near_copies"), 2), _f(row.get("bma_accuracy")), _f(row.get("bma_nll"))]) + " |")
+        lines += ["", "Flows against the noise baseline (final checkpoints + Gaussian weight noise) tuned to each "
+                  "flow's diversity (compare accuracy) or to its accuracy (compare diversity and novelty):", "",
+                  "| flow | flow acc / div / novelty | noise @ matched diversity: σ, acc, novelty | noise @ matched "
+                  "accuracy: σ, acc, div, novelty |", "|---|---|---|---|"]
+        for b in r["noise_baselines"]:
+            d, a = b.get("matched_diversity"), b["matched_accuracy"]
+            dcell = (f"{d['sigma']:.3g}, {d['accuracy_mean']:.4f}, {d['novelty_median']:.3g}" if d is not None
+                     else "not reachable")
+            lines.append(f"| {b['label']} | {b['flow_accuracy']:.4f} / {b['flow_diversity']:.4f} / "
+                         f"{b['flow_novelty']:.3g} | {dcell} | {a['sigma']:.3g}, {a['accuracy_mean']:.4f}"
+                         f"{'' if a['converged'] else ' (not matched)'}, {a['diversity']:.4f}, "
+                         f"{a['novelty_median']:.3g} |")
+        if "table_4_1" in r:
+            steps = r["table_4_1"][0]["steps"]
+            lines += ["", f"## Thesis Table 4.1 protocol: flows × alignment / coupling ({steps} training steps each)",
+                      "", "Test accuracy / test NLL of the samples (mean ± std over networks). Thesis (GPU-hours of "
+                      "training): Euclidean aligned+OT 0.993 / 0.053, Normalized 0.993 / 0.027, Geometric aligned "
+                      "0.993 / 0.018, Adam-trained 0.992 / 0.048.", "",
+                      "| flow | " + " | ".join(lbl for lbl, _, _ in GRID_SETTINGS) + " |",
+                      "|---|" + "---|" * len(GRID_SETTINGS)]
+            for f in FLOW_NAMES:
+                cells = []
+                for lbl, _, _ in GRID_SETTINGS:
+                    row = next(g for g in r["table_4_1"] if g["flow"] == f and g["setting"] == lbl)
+                    cells.append(f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} / "
+                                 f"{row['nll_mean']:.4f} ± {row['nll_std']:.4f}")
+                lines.append(f"| {f.capitalize()} | " + " | ".join(cells) + " |")
+        sw = r["sweeps"]
+        lines += ["", f"## Sampling: steps, guidance, stochastic noise ({sw['samples']} samples per point)", "",
+                  "Mean test accuracy / NLL vs integration steps:", "",
+                  "| flow | " + " | ".join(str(k) for k in sw["steps"]["values"]) + " |",
+                  "|---|" + "---|" * len(sw["steps"]["values"])]
+        for lbl, s in sw["steps"]["series"].items():
+            lines.append(f"| {lbl} | " + " | ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(s["accuracy"], s["nll"]))
+                         + " |")
+        for key, what in (("guidance", "guidance strength λ (training-loss gradient, "
+                                       f"{sw['guidance']['guidance_points']} training points)"),
+                          ("noise", "stochastic noise ε")):
+            blk = sw[key]
+            lbl, s = next(iter(blk["series"].items()))
+            lines += ["", f"{lbl}, accuracy / NLL / diversity vs {what}:", "",
+                      "| " + key + " | " + " | ".join(f"{v:g}" for v in blk["values"]) + " |",
+                      "|---|" + "---|" * len(blk["values"]),
+                      "| acc / NLL / div | " + " | ".join(f"{a:.3f} / {b:.3f} / {c:.3f}" for a, b, c in
+                                                        zip(s["accuracy"], s["nll"], s["diversity"])) + " |"]
+        b = r["barrier"]
+        lines += ["", f"## Loss barriers ({b['pairs']} pairs of final checkpoints, test split)", "",
+                  "| | midpoint barrier | max barrier | midpoint loss | endpoint loss |", "|---|---|---|---|---|"]
+        for lbl, s in b["summary"].items():
+            lines.append(f"| {lbl} | {s['barrier_mean']:.4f} ± {s['barrier_std']:.4f} | {s['max_barrier_mean']:.4f} ± "
+                         f"{s['max_barrier_std']:.4f} | {s['midpoint_loss_mean']:.4f} ± {s['midpoint_loss_std']:.4f} | "
+                         f"{s['endpoint_loss_mean']:.4f} ± {s['endpoint_loss_std']:.4f} |")
+        lk = r["likelihood"]
+        est = (f"Hutchinson, {lk['n_probes']} Rademacher probe(s) per step" if lk["estimator"] == "hutchinson"
+               else "exact divergence")
+        lines += ["", "## Likelihood: telling trained networks from random or corrupted ones", "",
+                  f"Log-likelihood per dimension (nats) of {lk['networks']} networks per population under each flow "
+                  f"(probability-flow ODE, {lk['steps']} reverse steps, {est}; networks aligned to the flows' "
+                  "reference first; canonical flows score canonical coordinates). AUROC: held-out trained networks "
+                  "(new seed) against each population (1 = always higher).", ""]
+        pops = list(next(iter(lk["flows"].values()))["nats_per_dim"])
+        names = ["held-out trained" if p == "positive" else p for p in pops]
+        lines += ["| flow | " + " | ".join(names) + " |", "|---|" + "---|" * len(pops)]
+        for f in lk["flows"].values():
+            cells = []
+            for p in pops:
+                d = f["nats_per_dim"][p]
+                cells.append(f"{d['mean']:.3f} ± {d['std']:.3f}" + (f" (AUROC {d['auroc']:.3f})" if "auroc" in d else ""))
+            lines.append(f"| {f['label']} | " + " | ".join(cells) + " |")
+        lines += ["", "## Wall time", "", "| stage | seconds |", "|---|---|"]
+        for k, v in r["stage_seconds"].items():
+            lines.append(f"| {k} | {v:.1f} |")
+        lines.append(f"| **total** | {seconds:.1f} |")
+        lines += ["", "Flows (folder under `flows/`; `reused` = loaded by `--reuse`, training time as recorded):", "",
+                  "| flow | steps | train s | sampling s | final loss | params | reused |", "|---|---|---|---|---|---|---|"]
+        for name, fi in self.flow_info.items():
+            lines.append(f"| {fi['label']} (`{name}`) | {fi['steps']} | {_f(fi.get('train_seconds'), 1)} | "
+                         f"{_f(fi.get('sample_seconds'), 1)} | {_f(fi.get('final_loss'))} | {fi['flow_params']} | "
+                         f"{'yes' if fi['reused'] else 'no'} |")
+        lines += ["", "## Figures", ""] if self.figures else []
+        for name, caption in self.figures.items():
+            lines += [f"![{name}](figures/{name}.png)", "", caption, ""]
+        lines += ["## Reproduce", "", f"```bash\n{self.command}\n```", "",
+                  f"Seeds: zoo {cfg.seed}, held-out networks {cfg.seed + 1}, flow training {cfg.seed}; sampling, "
+                  "baselines and likelihood probes use fixed generators (see `results.json` → `seeds`). "
+                  "`--reuse` loads the flows in `flows/` whose saved configuration matches instead of retraining "
+                  "them; everything else is recomputed.", ""]
+        return "\n".join(lines)
+
+
+# ============================================================================================== utilities
+def _matches(folder: Path, fcfg, tcfg, zoo: Zoo) -> bool:
+    """Whether ``folder`` holds a flow trained with these configs on a zoo like ``zoo``."""
+    from metaflow_ws.flows import FlowConfig
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file() or not (folder / "flow.safetensors").is_file():
+        return False
+    try:
+        meta = json.loads(cfg_path.read_text())
+        stored = FlowConfig.from_dict(meta["config"]).to_dict()
+    except (ValueError, KeyError, TypeError):
+        return False
+    want = fcfg.to_dict()
+    stored.pop("aligned", None)
+    want.pop("aligned", None)
+    if stored != want or meta.get("zoo_task") != zoo.task or meta.get("zoo_checkpoints") != len(zoo):
+        return False
+    train = meta.get("train", {})
+    want_train = json.loads(json.dumps(dataclasses.asdict(tcfg)))
+    for key in ("steps", "batch_size", "lr", "coupling", "align", "seed"):
+        if key not in train:
+            return False
+    return all(train[k] == v for k, v in want_train.items() if k in train)
+
+
+def _columns(vals: Sequence[dict[str, float]]) -> dict[str, list[float]]:
+    return {k: [v[k] for v in vals] for k in vals[0]}
+
+
+def _strip(row: dict[str, Any]) -> dict[str, Any]:
+    """A row without its long per-network lists (kept separately in results.json)."""
+    return {k: v for k, v in row.items() if k not in ("accuracies",)}
+
+
+def _pm(row: dict[str, Any], key: str) -> str:
+    if f"{key}_mean" not in row:
+        return "–"
+    if row.get(f"{key}_std") is None:
+        return f"{row[key + '_mean']:.4f}"
+    return f"{row[key + '_mean']:.4f} ± {row[key + '_std']:.4f}"
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o

@@ -1,0 +1,174 @@
+"""``metaflow-ws report``: a tiny end-to-end run on breast_cancer, reuse of saved flows, CLI wiring and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from metaflow_ws.cli import main
+from metaflow_ws.evaluation import noise_baseline_matched_accuracy
+from metaflow_ws.experiments.report import ReportConfig, run_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("bma", "accuracy_histogram", "steps", "guidance", "noise", "barrier", "likelihood")
+
+
+def _tiny(out, **kw) -> ReportConfig:
+    base = dict(task="breast_cancer", out_dir=out, quick=True, runs=3, epochs=2, steps=2, d_model=4, num_layers=1,
+                samples=4, sample_steps=2, step_sweep=(1, 2), guidance_sweep=(0.0, 0.1), noise_sweep=(0.0, 0.1),
+                sweep_samples=3, guidance_points=16, lik_networks=2, lik_steps=1, lik_probes=1, barrier_pairs=2,
+                bma_max=4, bma_orderings=1, average_k=(2,))
+    base.update(kw)
+    return ReportConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    res = run_report(_tiny(out), command="metaflow-ws report --task breast_cancer --quick (test budget)")
+    return out, res
+
+
+def test_report_writes_readme_results_and_figures(tiny_report):
+    out, res = tiny_report
+    text = (out / "README.md").read_text()
+    for section in ("## Goals", "## Samples and baselines", "Table 4.1", "## Loss barriers", "## Likelihood",
+                    "## Wall time", "## Reproduce", "metaflow-ws report --task breast_cancer --quick (test budget)"):
+        assert section in text, section
+    assert "not** the real results" in text  # quick runs say so
+    assert "Geometric flow mean test accuracy ≥ 0.993" in text
+    for name in FIGURES:
+        assert (out / "figures" / f"{name}.png").read_bytes().startswith(PNG)
+        assert f"figures/{name}.png" in text
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["task"] == "breast_cancer" and saved["quick"] is True
+    assert set(saved["figures"]) == set(FIGURES)
+    assert len(saved["table_4_1"]) == 9  # three flows × {unaligned, aligned, aligned+OT}
+    assert {r["kind"] for r in saved["table"]} >= {"zoo", "ensemble", "heldout", "flow", "noise", "noise_acc", "average"}
+    assert set(saved["stage_seconds"]) >= {"zoo", "flow training (or loading)", "likelihood detection"}
+    for f in saved["likelihood"]["flows"].values():
+        for pop, d in f["nats_per_dim"].items():
+            if pop != "positive" and pop != "zoo (training) networks":
+                assert 0.0 <= d["auroc"] <= 1.0
+    assert len(list((out / "flows").glob("*/flow.safetensors"))) == 9
+    assert (out / "zoo.safetensors").is_file()
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_report_reuses_matching_flows(tiny_report):
+    out, first = tiny_report
+    again = run_report(_tiny(out, reuse=True, ablation=False, figures=False))
+    assert all(f["reused"] for f in again["flows"].values())
+    assert again["zoo"]["source"].startswith("reused")
+    assert len(again["flows"]) == 3 and "table_4_1" not in again
+    for name, f in again["flows"].items():  # same flows → same samples → same metrics
+        assert f["final_loss"] == pytest.approx(first["flows"][name]["final_loss"])
+    t0 = {r["method"]: r for r in first["table"]}
+    for r in again["table"]:
+        if r["kind"] == "flow":
+            assert r["accuracy_mean"] == pytest.approx(t0[r["method"]]["accuracy_mean"])
+
+
+def test_reuse_needs_a_matching_configuration(tiny_report):
+    import dataclasses
+
+    from metaflow_ws.experiments.report import _matches
+    from metaflow_ws.flows import FlowConfig, TrainConfig
+    from metaflow_ws.io import Zoo
+
+    out, res = tiny_report
+    zoo = Zoo.load(out / "zoo.safetensors")
+    folder = out / "flows" / "geometric_ot_aligned_2"
+    fcfg = FlowConfig(flow="geometric", widths=zoo.spec.widths, task=zoo.task,
+                      prior_std=float(zoo.recipe["init_std"]), d_model=4, num_layers=1)
+    tcfg = TrainConfig(steps=2, coupling="ot", align=True, seed=0)
+    assert _matches(folder, fcfg, tcfg, zoo)
+    assert not _matches(folder, fcfg, dataclasses.replace(tcfg, steps=3), zoo)
+    assert not _matches(folder, fcfg, dataclasses.replace(tcfg, lr=1e-3), zoo)
+    assert not _matches(folder, dataclasses.replace(fcfg, d_model=8), tcfg, zoo)
+    assert not _matches(folder, fcfg, tcfg, zoo.select(torch.arange(3)))  # another zoo
+    assert not _matches(out / "flows" / "missing", fcfg, tcfg, zoo)
+
+
+def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
+    import metaflow_ws.experiments.report as report
+
+    seen = {}
+
+    def fake(cfg, *, command, log):
+        seen["cfg"], seen["command"] = cfg, command
+        return {"seconds": 1.0, "goals": []}
+
+    monkeypatch.setattr(report, "run_report", fake)
+    assert main(["report", "--task", "digits", "--quick", "--out", str(tmp_path), "--steps", "7", "--reuse",
+                 "--no-ablation", "--json"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.quick and cfg.steps == 7 and cfg.reuse and cfg.ablation is False and cfg.out_dir == tmp_path
+    assert cfg.samples == ReportConfig.quick_budget("digits", tmp_path).samples
+    assert seen["command"].startswith("metaflow-ws report --task digits --quick")
+    assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path)
+    assert main(["report", "--task", "mnist1d", "--out", str(tmp_path)]) == 0
+    full = seen["cfg"]
+    assert not full.quick and full.steps == 3000 and full.samples == 100
+
+
+def test_report_errors(tmp_path, monkeypatch, capsys):
+    assert main(["report", "--task", "sinusoid", "--out", str(tmp_path)]) == 2
+    assert "classification tasks" in capsys.readouterr().err
+    assert main(["report", "--task", "no_such_task", "--out", str(tmp_path)]) == 2
+    monkeypatch.setitem(sys.modules, "metaflow_ws.experiments.gaussian_toy", None)  # import fails
+    assert main(["report", "--task", "gaussian_toy", "--quick", "--out", str(tmp_path)]) == 2
+    assert "gaussian_toy reproduction is not available" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="samples"):
+        ReportConfig(task="digits", out_dir=tmp_path, samples=1)
+
+
+def test_gaussian_toy_delegates(tmp_path, monkeypatch):
+    """The report writes what run_gaussian_toy returns (its section, figures and results)."""
+    import types
+
+    fig = tmp_path / "toy.png"
+
+    def fake(out_dir, *, quick, seed=0, device=None):
+        fig.write_bytes(PNG)
+        return {"markdown": "## Toy section\n\nvariance table", "figures": [fig], "results": {"x": 1}}
+
+    monkeypatch.setitem(sys.modules, "metaflow_ws.experiments.gaussian_toy",
+                        types.SimpleNamespace(run_gaussian_toy=fake))
+    res = run_report(ReportConfig.quick_budget("gaussian_toy", tmp_path))
+    text = (tmp_path / "README.md").read_text()
+    assert "## Toy section" in text and "![toy](toy.png)" in text and "not** the real results" in text
+    assert res["results"] == {"x": 1}
+    assert json.loads((tmp_path / "results.json").read_text())["figures"] == ["toy.png"]
+
+
+def test_noise_baseline_matched_accuracy(tiny_bc_zoo):
+    from metaflow_ws.evaluation import batch_metrics
+    from metaflow_ws.tasks import get_task
+
+    x, y = get_task("breast_cancer").data(0).split("test")
+    fin_acc = float(batch_metrics(tiny_bc_zoo.spec, tiny_bc_zoo.final().params, x, y, "classification")
+                    ["accuracy"].mean())
+    target = fin_acc - 0.1
+    nb = noise_baseline_matched_accuracy(tiny_bc_zoo, x, y, target, generator=torch.Generator().manual_seed(0),
+                                         num_samples=12, atol=5e-3)
+    acc = float(batch_metrics(tiny_bc_zoo.spec, nb.params, x, y, "classification")["accuracy"].mean())
+    assert nb.info["converged"] and abs(acc - target) <= 5e-3 and nb.info["sigma"] > 1e-4
+    assert len(nb) == 12
+    # a target better than the trained networks cannot be matched: smallest noise, flagged
+    hi = noise_baseline_matched_accuracy(tiny_bc_zoo, x, y, 1.01, generator=torch.Generator().manual_seed(0))
+    assert not hi.info["converged"] and hi.info["sigma"] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="kind"):
+        noise_baseline_matched_accuracy(tiny_bc_zoo, x, y, 0.5, generator=torch.Generator(), kind="bogus")
+
+
+@pytest.mark.slow
+def test_quick_report_cli_end_to_end(tmp_path):
+    """The real `--quick` budget through the CLI (a few minutes on one core)."""
+    assert main(["report", "--task", "breast_cancer", "--quick", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["quick"] and len(saved["table_4_1"]) == 9
+    assert all((tmp_path / p).is_file() for p in saved["figures"].values())
