@@ -31,6 +31,10 @@ _LAZY = {
     "train_flow": "metaflow_ws.flows.train",
     "SampleConfig": "metaflow_ws.flows.sampling",
     "sample": "metaflow_ws.flows.sampling",
+    "init_": "metaflow_ws.init",
+    "warm_start": "metaflow_ws.init",
+    "sample_modules": "metaflow_ws.init",
+    "sample_state_dicts": "metaflow_ws.init",
 }
 
 __all__ = ["__version__", *_LAZY]

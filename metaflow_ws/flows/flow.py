@@ -4,6 +4,9 @@ The network predicts x1 (the clean weights) from (x_t, t); the velocity is deriv
 path's geometry: ``(x̂1 − x_t)/(1 − t)`` (Euclidean) or ``log_{x_t}(x̂1)/(1 − t)`` (geometric). Inputs and
 outputs are scaled per parameter block by fixed statistics of the training data (:attr:`scale`), so that layers
 of very different magnitude (e.g. unit rows with 784 entries) reach the model on a common scale.
+
+Architecture transfer: :meth:`WeightFlow.for_spec` gives a flow for another hidden width (same depth and
+input/output sizes) that shares this flow's vector field; see its docstring for the coordinates and scales.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class WeightFlow(nn.Module):
         """x̂1 on the data manifold. ``x: [B, dim]``, ``t: [B]``, ``cond: [B, cond_dim]`` → ``[B, dim]``."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"flow coordinates must be (B, {self.dim}) for {self.spec.describe()}; got {tuple(x.shape)}")
-        out = self.field(x / self.scale, t, cond) * self.scale
+        out = self.field(x / self.scale, t, cond, spec=self.spec) * self.scale
         return self.data_manifold.project(out)
 
     def embed(self, support_x: Tensor, support_y: Tensor) -> Tensor:
@@ -152,10 +155,49 @@ class WeightFlow(nn.Module):
     def check_spec(self, spec: NetworkSpec, what: str = "task") -> None:
         """Raise when ``spec`` is not this flow's architecture."""
         if spec != self.spec:
+            hint = "train a flow on a zoo of that architecture"
+            if (spec.num_layers, spec.in_features, spec.out_features, spec.activation) == (
+                    self.spec.num_layers, self.spec.in_features, self.spec.out_features, self.spec.activation):
+                hint += " (or transfer this one to the new hidden widths with flow.for_spec(spec))"
             raise ValueError(
                 f"this {self.config.flow} flow generates {self.spec.describe()} networks but the {what} uses "
-                f"{spec.describe()}; train a flow on a zoo of that architecture"
+                f"{spec.describe()}; {hint}"
             )
+
+    def for_spec(self, spec: NetworkSpec) -> WeightFlow:
+        """This flow for networks of another hidden width (architecture transfer); ``self`` when ``spec`` is
+        this flow's own.
+
+        The returned flow shares this flow's vector field and support-set encoder (same parameters; the field
+        runs on the graph topology of ``spec``); only depth, input/output sizes and activation must match
+        (layers have their own embeddings, see :mod:`metaflow_ws.models.relational_transformer`). Its
+        coordinates, prior and geometry are those of ``spec``. The per-block scale is carried over with a fan-in rule: every weight
+        block's scale is multiplied by ``sqrt(fan_in_old / fan_in_new)`` (exact for the canonical
+        coordinates, whose hidden rows have unit norm and whose last layer has unit Frobenius norm; He-like
+        for Euclidean weights), bias and global blocks keep theirs, so the field sees inputs of the same
+        per-entry magnitude as in training. Saved with :meth:`save_pretrained`, it reloads as a flow of
+        ``spec``.
+        """
+        if spec == self.spec:
+            return self
+        if spec.activation != self.spec.activation:
+            raise ValueError(f"this {self.config.flow} flow generates {self.spec.describe()} networks; it cannot "
+                             f"generate {spec.describe()} (another activation)")
+        self.field.check_spec(spec)
+        with torch.random.fork_rng(devices=[]):  # the throw-away modules of the new flow leave the RNG alone
+            new = WeightFlow(dataclasses.replace(self.config, widths=spec.widths))
+        new.field, new.encoder = self.field, self.encoder  # shared with this flow
+        old_blocks, new_blocks = _blocks(self.spec, self.dim), _blocks(spec, new.dim)
+        scale = torch.empty(new.dim, dtype=self.scale.dtype, device=self.scale.device)
+        for name, (a, _), (c, d) in zip([*self.spec.names, "globals"], old_blocks, new_blocks):
+            s = self.scale[a]
+            if name.endswith(".weight"):
+                layer = int(name.split(".")[1])
+                s = s * (self.spec.widths[layer] / spec.widths[layer]) ** 0.5
+            scale[c:d] = s
+        new = new.to(self.scale.device)
+        new.scale = scale
+        return new
 
     # --------------------------------------------------------------------------------------------- I/O
     def save_pretrained(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:

@@ -5,7 +5,8 @@ A step moves x by ``dt · (v(x, t) − λ·grad)`` through the geometry's expone
 Euclidean and normalized flows, a geodesic step on the spheres for the geometric flow). ``noise`` adds
 ``ε·sqrt(dt)`` Gaussian noise (projected to the tangent space) at every step whose t lies in ``noise_window``.
 Guidance subtracts ``λ ∇_x L_task(decode(x))`` (per-network losses vmapped over the decoded batch, one backward
-pass for all samples), projected to the tangent space; it lowers the task loss of the samples.
+pass for all samples), projected to the tangent space (and, with ``guidance_normalize``, scaled to unit norm
+per sample); it lowers the task loss of the samples.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from metaflow_ws.flows.flow import WeightFlow
+from metaflow_ws.nets.spec import NetworkSpec
 
 __all__ = ["SOLVERS", "SampleConfig", "guidance_gradient", "sample"]
 
@@ -31,6 +33,10 @@ class SampleConfig:
     noise: float = 0.0
     noise_window: tuple[float, float] = (0.0, 1.0)
     guidance: float = 0.0
+    #: scale each sample's (tangent) guidance gradient to unit norm: ``guidance`` is then a speed (coordinate
+    #: units per unit time) that does not depend on the sharpness of the task loss; a large raw gradient times
+    #: a large ``guidance`` overshoots (on the spheres: wraps around) and kills ReLUs
+    guidance_normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -73,11 +79,16 @@ def sample(
     cond: Tensor | None = None,
     x0: Tensor | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
+    spec: NetworkSpec | None = None,
 ) -> Tensor:
     """Integrate the flow from prior draws to ``[n, dim]`` samples on the data manifold.
 
     ``guidance_data = (x, y, kind)`` is required when ``config.guidance > 0`` (a fixed batch of the target task).
+    ``spec``: draw networks of another hidden width (architecture transfer): the samples are coordinates of
+    ``flow.for_spec(spec)``; decode them with that flow.
     """
+    if spec is not None:
+        flow = flow.for_spec(spec)
     if config.guidance > 0 and guidance_data is None:
         raise ValueError("guidance needs task data: pass guidance_data=(x, y, kind) (CLI: --task TASK)")
     flow.eval()
@@ -92,8 +103,10 @@ def sample(
         if config.guidance > 0:
             assert guidance_data is not None
             gx, gy, kind = guidance_data
-            g = guidance_gradient(flow, xc, gx, gy, kind)
-            v = v - config.guidance * man.proj_tangent(xc, g)
+            g = man.proj_tangent(xc, guidance_gradient(flow, xc, gx, gy, kind))
+            if config.guidance_normalize:
+                g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            v = v - config.guidance * g
         return v
 
     for i in range(config.steps):

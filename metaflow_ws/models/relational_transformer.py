@@ -35,6 +35,12 @@ backends compute the same function (tested equal):
   node dim and :func:`torch_geometric.utils.softmax` (works for any sparse graph).
 
 Everything is vectorized over the batch (leading dim), the only Python loops run over target-network layers.
+
+**Other hidden widths.** The parameters depend only on the number of linear layers and the input/output sizes
+(hidden neurons are exchangeable and share their layer's embeddings), so one model runs on every spec with the
+same depth and input/output sizes: ``forward(x, t, cond, spec=other)`` builds (and caches per device) the
+neural-graph topology of ``other``. Depth cannot change: value maps, positional embeddings and readout heads
+are indexed by layer, and a new layer would have no trained embedding.
 """
 
 from __future__ import annotations
@@ -326,6 +332,7 @@ class RelationalTransformer(nn.Module):
         self.backend: str = backend
         self.checkpoint: bool | str = checkpoint
         self.topo = _Topology(spec)
+        self._topologies: dict[tuple[NetworkSpec, str], _Topology] = {}  # other hidden widths (not in state_dict)
         d, n_lin = d_model, spec.num_layers
         # input embeddings: per-layer value maps and positional embeddings
         self.node_value = nn.Parameter(torch.randn(n_lin + 1, d))
@@ -360,16 +367,45 @@ class RelationalTransformer(nn.Module):
         """Length of the flat input/output: ``D + n_globals``."""
         return self.spec.num_params + self.n_globals
 
-    def _node_positions(self) -> Tensor:
+    def _node_positions(self, topo: _Topology | None = None) -> Tensor:
         """``(N, d)`` positional embeddings: layer embedding, plus index embeddings on input/output neurons."""
-        pos = self.node_layer_emb[self.topo.node_layer]
+        pos = self.node_layer_emb[(self.topo if topo is None else topo).node_layer]
         n_in, n_out = self.spec.in_features, self.spec.out_features
         return torch.cat([pos[:n_in] + self.input_emb, pos[n_in:-n_out], pos[-n_out:] + self.output_emb], 0)
 
-    def _check_inputs(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if x.dim() != 2 or x.shape[1] != self.dim:
+    def check_spec(self, spec: NetworkSpec) -> None:
+        """Raise ``ValueError`` unless this model can run on networks of ``spec``: same number of linear layers
+        and the same input and output sizes as the spec it was built for (hidden widths may differ)."""
+        own = self.spec
+        if (spec.num_layers, spec.in_features, spec.out_features) != (own.num_layers, own.in_features, own.out_features):
+            why = (f"{own.num_layers} linear layers" if spec.num_layers != own.num_layers else
+                   f"{own.in_features} inputs and {own.out_features} outputs")
             raise ValueError(
-                f"x must have shape (B, {self.dim}) = (B, D + n_globals) for {self.spec.describe()} with "
+                f"this vector field was built for {own.describe()} and runs on networks with {why}; got "
+                f"{spec.describe()} (only hidden widths can change: layers have their own embeddings and "
+                "input/output neurons their own index embeddings)"
+            )
+
+    def topology(self, spec: NetworkSpec | None = None, device: torch.device | None = None) -> _Topology:
+        """Neural-graph index buffers for ``spec`` (default: the model's own), cached per (spec, device)."""
+        if spec is None or spec == self.spec:
+            return self.topo
+        self.check_spec(spec)
+        device = self.topo.source.device if device is None else torch.device(device)
+        key = (spec, str(device))
+        topo = self._topologies.get(key)
+        if topo is None:
+            topo = self._topologies[key] = _Topology(spec).to(device)
+        return topo
+
+    def _check_inputs(
+        self, x: Tensor, t: Tensor | float, cond: Tensor | None, spec: NetworkSpec | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        spec = self.spec if spec is None else spec
+        dim = spec.num_params + self.n_globals
+        if x.dim() != 2 or x.shape[1] != dim:
+            raise ValueError(
+                f"x must have shape (B, {dim}) = (B, D + n_globals) for {spec.describe()} with "
                 f"n_globals={self.n_globals}; got {tuple(x.shape)}"
             )
         b = x.shape[0]
@@ -388,19 +424,28 @@ class RelationalTransformer(nn.Module):
         return t, cond
 
     # ---------------------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, spec: NetworkSpec | None = None
+    ) -> Tensor:
         """Predict x1.
 
         Args:
-            x: ``(B, D + n_globals)`` spec-ordered flat parameters followed by the global coordinates.
+            x: ``(B, D + n_globals)`` spec-ordered flat parameters followed by the global coordinates
+                (``D`` of ``spec``).
             t: ``(B,)`` flow time in ``[0, 1]`` (a scalar is broadcast).
             cond: ``(B, cond_dim)`` task embedding, or None (treated as zeros).
+            spec: architecture of the networks in ``x`` (default: the model's own). Hidden widths may differ
+                from the model's spec; depth and input/output sizes may not (``ValueError``).
 
         Returns:
             ``(B, D + n_globals)`` in the same layout.
         """
-        t, cond = self._check_inputs(x, t, cond)
-        topo, spec = self.topo, self.spec
+        if spec is not None and spec != self.spec:
+            self.check_spec(spec)
+        else:
+            spec = self.spec
+        t, cond = self._check_inputs(x, t, cond, spec)
+        topo = self.topology(spec, x.device)
         b, d, big_d = x.shape[0], self.d_model, spec.num_params
         # conditioning vector
         c = self.time_mlp(sinusoidal_embedding(t, d))
@@ -412,7 +457,7 @@ class RelationalTransformer(nn.Module):
         edges_x = torch.cat([x[:, slice(*off[f"layers.{i}.weight"])] for i in range(spec.num_layers)], 1)
         bias_x = torch.cat([x[:, slice(*off[f"layers.{i}.bias"])] for i in range(spec.num_layers)], 1)
         nodes_x = torch.cat([x.new_zeros(b, spec.in_features), bias_x], 1)
-        node_base = self._node_positions().unsqueeze(0)
+        node_base = self._node_positions(topo).unsqueeze(0)
         edge_base = self.edge_layer_emb[topo.edge_layer].unsqueeze(0)
         if self.globals_in is not None:
             g_node, g_edge = self.globals_in(x[:, big_d:]).unsqueeze(1).split([d, self.d_edge], dim=-1)

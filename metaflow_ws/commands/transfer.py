@@ -1,0 +1,58 @@
+"""``metaflow-ws transfer``: task transfer by guidance, learned initialization and architecture transfer."""
+
+from __future__ import annotations
+
+import argparse
+
+from metaflow_ws.commands import add_common
+
+NAME = "transfer"
+HELP = "transfer experiments: guidance to related tasks, learned initialization, other hidden widths"
+DESCRIPTION = (
+    "Train flows on source zoos (digits; mnist1d at a narrower width), sample them with a related task's loss "
+    "gradients (sweeping guidance strength x steps), train from flow samples vs default inits, and sample other "
+    "hidden widths. Writes OUT/README.md, OUT/results.json and PNG plots. Presets: --quick (a couple of CPU "
+    "minutes), full (default, about 30-40 CPU minutes)."
+)
+ORDER = 80
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="results/transfer", help="folder for README.md, results.json, plots and flows")
+    p.add_argument("--preset", choices=["tiny", "quick", "full"], default="full",
+                   help="budgets: full (default), quick (a couple of minutes), tiny (seconds, for tests)")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick")
+    p.add_argument("--flow-steps", type=int, default=None, help="training steps of the digits flow")
+    p.add_argument("--samples", type=int, default=None, help="networks drawn per sweep cell")
+    p.add_argument("--init-seeds", type=int, default=None, help="seeds per init method in the learned-init runs")
+    p.add_argument("--init-steps", type=int, default=None, help="optimizer steps of the learned-init runs")
+    p.add_argument("--no-mnist1d", action="store_true", help="skip the mnist1d -> shuffled mnist1d transfer")
+    add_common(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from metaflow_ws.cli import print_json
+    from metaflow_ws.errors import resolve_device
+    from metaflow_ws.experiments.transfer import TransferConfig, run_transfer, write_results
+
+    preset = "quick" if args.quick else args.preset
+    overrides = {k: v for k, v in {"flow_steps": args.flow_steps, "samples": args.samples,
+                                   "init_seeds": args.init_seeds, "init_steps": args.init_steps}.items()
+                 if v is not None}
+    if args.no_mnist1d:
+        overrides["mnist1d"] = False
+    cfg = TransferConfig.from_preset(preset, seed=args.seed, **overrides)
+    device = resolve_device(args.device)
+    command = "metaflow-ws " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", ["transfer"]))
+    res = run_transfer(cfg, args.out, device=device, log=lambda s: print(s, file=sys.stderr, flush=True))
+    out = write_results(res, args.out, command)
+    if args.json:
+        print_json({"out": str(out), "goals": res["goals"], "seconds": res["seconds"]})
+    else:
+        for g in res["goals"]:
+            print(f"{'met' if g['met'] else 'NOT met'}: {g['goal']}: {g['measured']}")
+        print(f"wrote {out}/README.md")
+    return 0

@@ -1,0 +1,167 @@
+"""Architecture transfer (Relational Transformer and flows on other hidden widths) and the `transfer` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, WeightFlow, sample, train_flow
+from metaflow_ws.models import RelationalTransformer
+from metaflow_ws.nets import NetworkSpec
+
+F64 = torch.float64
+SPEC = NetworkSpec((5, 3, 4, 2))
+WIDE = NetworkSpec((5, 7, 6, 2))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _model(spec=SPEC, seed=0, **kw) -> RelationalTransformer:
+    torch.manual_seed(seed)
+    kw = {"d_model": 16, "num_layers": 2, "n_globals": 1, "cond_dim": 2} | kw
+    return RelationalTransformer(spec, **kw).to(F64)
+
+
+def _permute_flat(spec, x, perms, coupled=True):
+    d = spec.num_params
+    p = dict(spec.unflatten(x[:, :d]))
+    for layer, perm in perms.items():
+        p[f"layers.{layer - 1}.weight"] = p[f"layers.{layer - 1}.weight"][:, perm]
+        p[f"layers.{layer - 1}.bias"] = p[f"layers.{layer - 1}.bias"][:, perm]
+        if coupled:
+            p[f"layers.{layer}.weight"] = p[f"layers.{layer}.weight"][:, :, perm]
+    return torch.cat([spec.flatten(p), x[:, d:]], dim=1)
+
+
+@pytest.mark.parametrize("backend", ["blocks", "scatter"])
+def test_rt_on_a_wider_spec_is_permutation_equivariant(backend):
+    m = _model(backend=backend)
+    with torch.no_grad():
+        m.cond_in.weight.normal_(generator=_gen(5))
+    g = _gen(1)
+    x = torch.randn(3, WIDE.num_params + 1, generator=g, dtype=F64)
+    t = torch.rand(3, generator=g, dtype=F64)
+    cond = torch.randn(3, 2, generator=g, dtype=F64)
+    perms = {1: torch.randperm(7, generator=g), 2: torch.randperm(6, generator=g)}
+    y = m(x, t, cond, spec=WIDE)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y_perm = m(_permute_flat(WIDE, x, perms), t, cond, spec=WIDE)
+    torch.testing.assert_close(y_perm, _permute_flat(WIDE, y, perms), rtol=0, atol=1e-10)
+    assert (y_perm - y).abs().max() > 1e-3
+    y_wrong = m(_permute_flat(WIDE, x, perms, coupled=False), t, cond, spec=WIDE)
+    assert (y_wrong - _permute_flat(WIDE, y, perms)).abs().max() > 1e-3  # an uncoupled permutation is not a symmetry
+
+
+def test_new_path_on_the_same_spec_is_bit_identical():
+    """A model built for WIDE, run on SPEC through the new per-spec topology, equals the model built for SPEC."""
+    a = _model(SPEC)
+    b = _model(WIDE, seed=3)
+    b.load_state_dict(a.state_dict())  # the parameters do not depend on hidden widths
+    g = _gen(2)
+    x = torch.randn(4, SPEC.num_params + 1, generator=g, dtype=F64)
+    t = torch.rand(4, generator=g, dtype=F64)
+    y = a(x, t)
+    assert torch.equal(b(x, t, spec=SPEC), y)
+    assert torch.equal(a(x, t, spec=SPEC), y)
+    assert b.topology(SPEC) is b.topology(SPEC)  # cached per spec
+    assert set(b.state_dict()) == set(a.state_dict())  # cached topologies are not persisted
+
+
+def test_wrong_depth_or_io_sizes_are_clear_errors():
+    m = _model()
+    for spec, what in [(NetworkSpec((6, 3, 4, 2)), "inputs"), (NetworkSpec((5, 3, 4, 3)), "outputs"),
+                       (NetworkSpec((5, 3, 2)), "linear layers")]:
+        x = torch.zeros(1, spec.num_params + 1, dtype=F64)
+        with pytest.raises(ValueError, match=rf"MLP 5-3-4-2.*{what}.*{spec.describe().split()[1]}"):
+            m(x, 0.5, spec=spec)
+    with pytest.raises(ValueError, match=r"\(B, 105\).*MLP 5-7-6-2"):
+        m(torch.zeros(1, 10, dtype=F64), 0.5, spec=WIDE)
+
+
+@pytest.fixture(scope="module")
+def flows(tiny_bc_zoo):
+    out = {}
+    for kind in ("euclidean", "geometric"):
+        cfg = FlowConfig(flow=kind, widths=tiny_bc_zoo.spec.widths, task="breast_cancer", d_model=8, num_layers=1)
+        out[kind] = train_flow(tiny_bc_zoo, cfg, TrainConfig(steps=3, batch_size=8, align=False)).flow
+    return out
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "geometric"])
+def test_flow_for_spec(flows, kind, tmp_path):
+    flow = flows[kind]
+    spec = NetworkSpec((30, 32, 8, 2))
+    assert flow.for_spec(flow.spec) is flow
+    wide = flow.for_spec(spec)
+    assert wide.spec == spec and wide.field is flow.field
+    assert wide.dim == spec.num_params + flow.coords.n_globals
+    # fan-in rule for weight blocks, biases and globals unchanged
+    o, n = flow.spec.offsets, spec.offsets
+    for i, (fan_old, fan_new) in enumerate([(30, 30), (16, 32), (16, 8)]):
+        a, c = o[f"layers.{i}.weight"][0], n[f"layers.{i}.weight"][0]
+        torch.testing.assert_close(wide.scale[c], flow.scale[a] * (fan_old / fan_new) ** 0.5)
+        torch.testing.assert_close(wide.scale[n[f"layers.{i}.bias"][0]], flow.scale[o[f"layers.{i}.bias"][0]])
+    # same RNG stream, same samples as sample(..., spec=); samples decode to real networks of the new spec
+    x = sample(wide, 3, SampleConfig(steps=3), generator=_gen(0))
+    x2 = sample(flow, 3, SampleConfig(steps=3), generator=_gen(0), spec=spec)
+    assert torch.equal(x, x2) and x.shape == (3, wide.dim)
+    params = wide.decode(x)
+    assert params["layers.0.weight"].shape == (3, 32, 30) and all(torch.isfinite(v).all() for v in params.values())
+    # old path unchanged: sample(..., spec=own spec) is bit-identical
+    assert torch.equal(sample(flow, 3, SampleConfig(steps=3), generator=_gen(1)),
+                       sample(flow, 3, SampleConfig(steps=3), generator=_gen(1), spec=flow.spec))
+    # a transferred flow saves and reloads as a flow of the new spec
+    wide.save_pretrained(tmp_path / "wide")
+    again = WeightFlow.from_pretrained(tmp_path / "wide")
+    assert again.spec == spec
+    assert torch.equal(sample(again, 3, SampleConfig(steps=3), generator=_gen(0)), x)
+
+
+def test_flow_for_spec_errors(flows):
+    flow = flows["geometric"]
+    with pytest.raises(ValueError, match="MLP 30-16-16-2.*linear layers.*MLP 30-16-2"):
+        flow.for_spec(NetworkSpec((30, 16, 2)))
+    with pytest.raises(ValueError, match="MLP 30-16-16-2.*outputs.*MLP 30-16-16-3"):
+        flow.for_spec(NetworkSpec((30, 16, 16, 3)))
+    with pytest.raises(ValueError, match="another activation"):
+        flow.for_spec(NetworkSpec((30, 8, 8, 2), "tanh"))
+    with pytest.raises(ValueError, match="flow.for_spec"):
+        flow.check_spec(NetworkSpec((30, 8, 8, 2)))
+
+
+def test_transfer_cli_end_to_end(tmp_path, capsys):
+    from metaflow_ws.cli import main
+
+    out = tmp_path / "transfer"
+    rc = main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["out"] == str(out)
+    text = (out / "README.md").read_text()
+    assert "metaflow-ws transfer --out" in text and "Goals" in text
+    data = json.loads((out / "results.json").read_text())
+    assert {"task_transfer", "learned_init", "architecture_transfer", "command", "seeds"} <= set(data)
+    for name in ("guidance_sweep.png", "init_curves.png", "architecture_transfer.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_normalized_guidance_steps_have_length_lambda_dt_and_lower_the_loss(flows, monkeypatch):
+    from metaflow_ws import get_task
+    from metaflow_ws.evaluation import batch_metrics
+
+    flow = flows["euclidean"]
+    monkeypatch.setattr(flow, "velocity", lambda x, t, cond=None: torch.zeros_like(x))  # guidance alone
+    x, y = get_task("breast_cancer").data(0).split("train")
+    x0 = flow.sample_prior(5, generator=_gen(0))
+    states = [x0]
+    cfg = SampleConfig(steps=10, guidance=0.5, guidance_normalize=True)
+    out = sample(flow, 5, cfg, x0=x0, guidance_data=(x, y, "classification"),
+                 callback=lambda i, xc: states.append(xc.clone()))
+    steps = torch.stack([b - a for a, b in zip(states[:-1], states[1:])])  # [10, 5, D]
+    torch.testing.assert_close(steps.norm(dim=-1), torch.full((10, 5), 0.05))  # λ·dt, whatever the gradient size
+    loss = [batch_metrics(flow.spec, flow.decode(z), x, y, "classification")["loss"] for z in (x0, out)]
+    assert (loss[1] < loss[0]).all()
