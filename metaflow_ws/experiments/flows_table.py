@@ -38,7 +38,7 @@ class FlowRun:
 def compare_flows(
     zoo: Zoo,
     task: Task | str | None = None,
-    runs: Sequence[FlowRun] = tuple(FlowRun(f, coupling="ot") for f in FLOWS),
+    runs: Sequence[FlowRun] = tuple(FlowRun(f, coupling="ot-perm") for f in FLOWS),
     *,
     train: TrainConfig = TrainConfig(),  # noqa: B008 - frozen
     d_model: int = 32,

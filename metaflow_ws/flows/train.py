@@ -37,7 +37,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     warmup: int = 100
-    coupling: str = "ot"
+    coupling: str = "ot-perm"
     align: bool = True
     align_method: str = "weight"
     seed: int = 0
