@@ -98,12 +98,17 @@ def markdown_family(entry: Mapping[str, Any]) -> str:
         lines += [f"**Budget note:** {entry['budget_note']}", ""]
     head = "| method | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |"
     lines += [head, "|---|---|" + "---|" * len(steps)]
-    for name, m in entry["methods"].items():
-        for k, res in m["results"].items():
+    # results.json is written with sorted keys: restore the run's method order and numeric K order
+    planned = list(entry.get("planned_methods") or [])
+    builtin = ["maml", "fomaml", "anil", "metasgd", "reptile", "pretrain", "scratch"]
+    rank = {n: i for i, n in enumerate(planned or builtin)}
+    methods = sorted(entry["methods"].items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+    for name, m in methods:
+        for k, res in sorted(m["results"].items(), key=lambda kv: int(kv[0])):
             by = {r["steps"]: r for r in res["results"]}
             lines.append(f"| {name} | {k} | " + " | ".join(format_cell(by.get(s), metric) for s in steps) + " |")
     lines += ["", "| method | meta-training wall time | final meta-loss | state |", "|---|---|---|---|"]
-    for name, m in entry["methods"].items():
+    for name, m in methods:
         t = m["train"]
         secs = t.get("seconds", 0.0)
         loss = t.get("final_meta_loss")
