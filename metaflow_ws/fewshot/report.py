@@ -29,13 +29,15 @@ SINUSOID_MAML_ANCHOR = {5: {1: (0.66, 0.06), 10: (0.33, 0.04)}, 10: {1: (0.38, 0
 
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (no lock file left behind)."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def update_results(out: str | os.PathLike, family: str, entry: Mapping[str, Any]) -> dict[str, Any]:
