@@ -60,8 +60,11 @@ def sweep_plot(x: Sequence[float], series: Mapping[str, Mapping[str, Sequence[fl
             ax.plot(x, s[metric], marker="o", label=label)
         if reference and metric in reference:
             ax.axhline(reference[metric], color="k", ls="--", lw=1, label="trained networks")
-        if logx:
-            ax.set_xscale("symlog", linthresh=min(v for v in x if v > 0) if any(v > 0 for v in x) else 1.0)
+        if logx and all(v > 0 for v in x):
+            ax.set_xscale("log", base=2)
+        elif logx and any(v > 0 for v in x):  # a 0 among positive values: linear near 0, log beyond
+            ax.set_xscale("symlog", linthresh=min(v for v in x if v > 0))
+            ax.set_xlim(left=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
