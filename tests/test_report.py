@@ -46,14 +46,14 @@ def test_report_writes_readme_results_and_figures(tiny_report):
     saved = json.loads((out / "results.json").read_text())
     assert saved["task"] == "breast_cancer" and saved["quick"] is True
     assert set(saved["figures"]) == set(FIGURES)
-    assert len(saved["table_4_1"]) == 9  # three flows × {unaligned, aligned, aligned+OT}
+    assert len(saved["table_4_1"]) == 12  # three flows × {unaligned, aligned, aligned+OT, aligned+OT+perm}
     assert {r["kind"] for r in saved["table"]} >= {"zoo", "ensemble", "heldout", "flow", "noise", "noise_acc", "average"}
     assert set(saved["stage_seconds"]) >= {"zoo", "flow training (or loading)", "likelihood detection"}
     for f in saved["likelihood"]["flows"].values():
         for pop, d in f["nats_per_dim"].items():
             if pop != "positive" and pop != "zoo (training) networks":
                 assert 0.0 <= d["auroc"] <= 1.0
-    assert len(list((out / "flows").glob("*/flow.safetensors"))) == 9
+    assert len(list((out / "flows").glob("*/flow.safetensors"))) == 12
     assert (out / "zoo.safetensors").is_file()
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
 
@@ -112,7 +112,9 @@ def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path)
     assert main(["report", "--task", "mnist1d", "--out", str(tmp_path)]) == 0
     full = seen["cfg"]
-    assert not full.quick and full.steps == 3000 and full.samples == 100
+    assert not full.quick and full.steps == 3000 and full.samples == 100 and full.coupling == "ot-perm"
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--coupling", "ot"]) == 0
+    assert seen["cfg"].coupling == "ot"
 
 
 def test_report_errors(tmp_path, monkeypatch, capsys):
@@ -124,6 +126,8 @@ def test_report_errors(tmp_path, monkeypatch, capsys):
     assert "gaussian_toy reproduction is not available" in capsys.readouterr().err
     with pytest.raises(ValueError, match="samples"):
         ReportConfig(task="digits", out_dir=tmp_path, samples=1)
+    with pytest.raises(ValueError, match="unknown coupling 'sinkhorn'"):
+        ReportConfig(task="digits", out_dir=tmp_path, coupling="sinkhorn")
 
 
 def test_gaussian_toy_delegates(tmp_path, monkeypatch):

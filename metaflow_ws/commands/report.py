@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from metaflow_ws.commands import add_common
+from metaflow_ws.flows.couplings import COUPLINGS
 
 NAME = "report"
 HELP = "train zoo and flows, sample, evaluate against baselines and write results/<task>/ (README + plots)"
 DESCRIPTION = (
     "Run the evaluation protocol on TASK: train (or load) the zoo, train the Euclidean, Normalized and Geometric "
-    "flows (aligned + OT; for breast_cancer also the thesis's unaligned / aligned / aligned+OT grid), sample, and "
+    "flows (aligned, --coupling as in `train`, default ot-perm; for breast_cancer also the thesis's unaligned / "
+    "aligned / aligned+OT grid plus aligned+OT+perm), sample, and "
     "compare with the trained networks, a deep ensemble, noise baselines and aligned averages (accuracy, NLL, ECE, "
     "Brier, diversity, novelty, BMA), sweep steps / guidance / stochastic noise, measure loss barriers and the "
     "likelihood AUROC. Writes OUT/README.md, OUT/results.json and OUT/figures/*.png; flows stay in OUT/flows/ "
@@ -31,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="zoo epochs (default: the recipe's)")
     p.add_argument("--steps", type=int, default=None, help="flow training steps (default 3000; --quick: 300)")
     p.add_argument("--ablation-steps", type=int, default=None,
-                   help="training steps of the flows × {unaligned, aligned, aligned+OT} grid (default: --steps)")
+                   help="training steps of the flows × {unaligned, aligned, aligned+OT, aligned+OT+perm} grid "
+                        "(default: --steps)")
+    p.add_argument("--coupling", choices=COUPLINGS, default=None,
+                   help="coupling of the headline flows (default ot-perm, as `metaflow-ws train`)")
     p.add_argument("--no-ablation", action="store_true", help="skip the alignment/coupling grid")
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         "zoo_path": args.zoo, "runs": args.runs, "epochs": args.epochs, "steps": args.steps,
         "ablation_steps": args.ablation_steps, "d_model": args.d_model, "num_layers": args.layers,
         "samples": args.samples, "sample_steps": args.sample_steps, "lik_networks": args.lik_networks,
-        "lik_estimator": args.lik_estimator,
+        "lik_estimator": args.lik_estimator, "coupling": args.coupling,
     }.items() if v is not None}
     overrides |= {"seed": args.seed, "reuse": args.reuse, "device": args.device}
     if args.no_ablation:
