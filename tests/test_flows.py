@@ -264,3 +264,73 @@ def test_perm_coupling_keeps_functions_and_shortens_paths(tiny_bc_zoo, kind):
             assert (d(c0, c1) <= d(x0, x1) + 1e-4).all() and (d(c0, c1) < d(x0, x1) - 1e-3).any()
     with pytest.raises(ValueError, match="coordinates"):
         make_coupling("perm")
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "geometric"])
+def test_preconditioning_closed_form_and_limits(tiny_bc_zoo, kind):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(tiny_bc_zoo, kind), precondition=True)
+    flow = WeightFlow(cfg).double()
+    x1 = flow.encode({k: v.double() for k, v in tiny_bc_zoo.params.items()})
+    flow.set_scale_from(x1)
+    # prior RMS in scaled units, per block: what sample_prior draws, divided by the data's per-block RMS
+    x0 = flow.sample_prior(4096, generator=torch.Generator().manual_seed(5)) / flow.scale
+    start, stop = tiny_bc_zoo.spec.offsets["layers.1.weight"]
+    assert flow.prior_rms[start:stop].unique().numel() == 1
+    assert float(flow.prior_rms[start]) == pytest.approx(float(x0[:, start:stop].pow(2).mean().sqrt()), rel=0.02)
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    c_skip, c_out = flow.preconditioning(t)
+    s0 = flow.prior_rms
+    var = ((1 - t[1]) * s0) ** 2 + t[1] ** 2
+    torch.testing.assert_close(c_skip[1], t[1] / var)
+    torch.testing.assert_close(c_out[1], (1 - t[1]) * s0 / var.sqrt())
+    assert torch.all(c_skip[0] == 0) and torch.allclose(c_out[0], torch.ones_like(s0))  # t = 0: x̂1 = F (data RMS 1)
+    assert torch.all(c_skip[2] == 1) and torch.all(c_out[2] == 0)  # t = 1: x̂1 = x_t exactly
+    xt = x1[:3]
+    torch.testing.assert_close(flow.predict_x1(xt, torch.ones(3, dtype=torch.float64)), xt)
+    # the plain parameterization is (c_skip, c_out) = (0, 1)
+    plain = WeightFlow(tiny_config(tiny_bc_zoo, kind))
+    c_skip, c_out = plain.preconditioning(t.float())
+    assert torch.all(c_skip == 0) and torch.all(c_out == 1) and not hasattr(plain, "prior_rms")
+
+
+def test_anchored_preconditioned_flow_trains_saves_and_loads(tiny_bc_zoo, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(tiny_bc_zoo, "euclidean"), precondition=True, anchor=True)
+    res = train_flow(tiny_bc_zoo, cfg, TrainConfig(steps=6, batch_size=8, align=True, coupling="ot", seed=0),
+                     tmp_path / "f")
+    f = res.flow
+    # the default anchor is the alignment reference, network 0 of the (aligned) zoo, which alignment leaves as is
+    torch.testing.assert_close(f.anchor, f.encode({k: v[:1] for k, v in tiny_bc_zoo.params.items()})[0])
+    g = WeightFlow.from_pretrained(tmp_path / "f")
+    assert g.config.anchor and g.config.precondition
+    x = f.sample_prior(3, generator=torch.Generator().manual_seed(1))
+    t = torch.full((3,), 0.3)
+    assert torch.equal(f.predict_x1(x, t), g.predict_x1(x, t))
+    # another anchor, another field
+    g.set_anchor({k: v[5] for k, v in tiny_bc_zoo.params.items()})
+    assert not torch.equal(f.predict_x1(x, t), g.predict_x1(x, t))
+    with pytest.raises(ValueError, match="tied to its anchor"):
+        g.for_spec(NetworkSpec((30, 8, 16, 2)))
+
+
+def test_anchor_errors(tiny_bc_zoo):
+    import dataclasses
+
+    anchored = dataclasses.replace(tiny_config(tiny_bc_zoo, "euclidean"), anchor=True)
+    net = {k: v[3] for k, v in tiny_bc_zoo.params.items()}
+    with pytest.raises(ValueError, match="out of the anchor's permutation basin"):
+        train_flow(tiny_bc_zoo, anchored, TrainConfig(steps=1, coupling="ot-perm"))
+    with pytest.raises(ValueError, match=r"align=False\) with an explicit anchor"):
+        train_flow(tiny_bc_zoo, anchored, TrainConfig(steps=1, coupling="ot", align=True), anchor=net)
+    with pytest.raises(ValueError, match="needs an anchored flow"):
+        train_flow(tiny_bc_zoo, tiny_config(tiny_bc_zoo, "euclidean"), TrainConfig(steps=1), anchor=net)
+    with pytest.raises(ValueError, match="has no anchor"):
+        WeightFlow(tiny_config(tiny_bc_zoo, "euclidean")).set_anchor(net)
+    with pytest.raises(ValueError, match="one network of"):
+        WeightFlow(anchored).set_anchor(torch.zeros(7))
+    res = train_flow(tiny_bc_zoo, anchored, TrainConfig(steps=2, batch_size=4, coupling="independent", align=False),
+                     anchor=net)
+    torch.testing.assert_close(res.flow.anchor, res.flow.encode({k: v[None] for k, v in net.items()})[0])

@@ -221,3 +221,34 @@ def test_errors_name_expected_and_got():
         RelationalTransformer(SPEC, backend="dense")
     with pytest.raises(ValueError, match="checkpoint must be"):
         RelationalTransformer(SPEC, checkpoint="sometimes")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anchor_is_permuted_jointly_and_breaks_the_symmetry_of_x_alone(backend):
+    spec = NetworkSpec((5, 4, 3, 3, 2))
+    m = _model(spec, n_globals=1, anchor=True, backend=backend)
+    x, t = _inputs(spec, 3, 1)
+    anchor = torch.randn(1, spec.num_params + 1, generator=_gen(8), dtype=F64)
+    g = _gen(9)
+    perms = {l: torch.randperm(spec.widths[l], generator=g) for l in (1, 2, 3)}
+    y = m(x, t, anchor=anchor)
+    # x and anchor permuted together: the output permutes the same way (equivariance kept)
+    y_joint = m(_permute_flat(spec, x, perms), t, anchor=_permute_flat(spec, anchor, perms))
+    torch.testing.assert_close(y_joint, _permute_flat(spec, y, perms), rtol=0, atol=1e-10)
+    # x permuted under a fixed anchor: no longer equivariant, the anchor tells neurons apart
+    y_x_only = m(_permute_flat(spec, x, perms), t, anchor=anchor)
+    assert (y_x_only - _permute_flat(spec, y, perms)).abs().max() > 1e-3
+    # a (D,) anchor broadcasts like a (1, D) one; per-sample anchors are accepted
+    torch.testing.assert_close(m(x, t, anchor=anchor[0]), y, rtol=0, atol=0)
+    assert m(x, t, anchor=anchor.expand(3, -1)).shape == y.shape
+
+
+def test_anchor_errors():
+    plain, anchored = _model(), _model(anchor=True)
+    x, t = _inputs(SPEC, 2)
+    with pytest.raises(ValueError, match="needs an anchor network"):
+        anchored(x, t)
+    with pytest.raises(ValueError, match="without anchor=True"):
+        plain(x, t, anchor=x[0])
+    with pytest.raises(ValueError, match=r"anchor must have shape \(%d,\)" % SPEC.num_params):
+        anchored(x, t, anchor=x[:, :-1])

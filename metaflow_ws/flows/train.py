@@ -123,12 +123,21 @@ def beta12(n: int, generator: torch.Generator | None = None) -> Tensor:
 
 def flow_matching_loss(flow: WeightFlow, x0: Tensor, x1: Tensor, t: Tensor, *, sigma: float = 0.0,
                        generator: torch.Generator | None = None, cond: Tensor | None = None) -> Tensor:
-    """Mean squared error of the x1 prediction (in per-block scaled units) at x_t on the path from x0 to x1."""
+    """Mean squared error of the x1 prediction (in per-block scaled units) at x_t on the path from x0 to x1.
+
+    A preconditioned flow weights it by ``1 / c_out(t)²`` (clamped at 1e4): the squared error of the network
+    output F against its unit-size target, which is (up to a per-block constant) the error of the velocity the
+    sampler integrates, equally at every t.
+    """
     x_t = flow.path_manifold.interpolate(x0, x1, t)
     if sigma > 0:
         x_t = x_t + sigma * torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
     x1_hat = flow.predict_x1(x_t, t, cond)
-    return (((x1_hat - x1) / flow.scale) ** 2).mean()
+    err = ((x1_hat - x1) / flow.scale) ** 2
+    if flow.config.precondition:
+        _, c_out = flow.preconditioning(t)
+        err = err / c_out.pow(2).clamp_min(1e-4)
+    return err.mean()
 
 
 def query_loss(flow: WeightFlow, cond: Tensor, qx: Tensor, qy: Tensor, kind: str, *, steps: int,
@@ -171,6 +180,7 @@ def train_flow(
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float, float], None] | None = None,
     support: SupportSets | None = None,
+    anchor: dict[str, Tensor] | Tensor | None = None,
 ) -> TrainResult:
     """Train a flow of ``config`` on the networks of ``zoo``; returns the flow with EMA weights.
 
@@ -182,7 +192,11 @@ def train_flow(
     each step embeds a fresh support set of every network in the batch (K ~ ``train.support_sizes``) and trains
     encoder and vector field jointly; ``train.query_weight > 0`` adds the query-set loss of
     :func:`query_loss`. Mini-batch OT couples networks of different tasks and would break the conditional
-    marginals, so conditional training needs ``coupling="independent"``.
+    marginals, so conditional training needs ``coupling="independent"`` (or ``"perm"``).
+
+    Anchored flows (``config.anchor``) see ``anchor`` (one network, e.g. the shared initialization of a family
+    zoo; with ``train.align`` it must be None and defaults to the alignment reference, the zoo's network 0) next
+    to x_t; permutation couplings would move the data out of the anchor's basin, so they are refused.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if zoo.spec != config.spec:
@@ -201,6 +215,16 @@ def train_flow(
         support = support.to(device)
     elif train.query_weight > 0:
         raise ValueError("query_weight > 0 needs a task-conditioned flow and support data")
+    if config.anchor:
+        if train.coupling not in ("independent", "ot"):
+            raise ValueError(f"coupling {train.coupling!r} permutes every data network toward its noise draw, out "
+                             "of the anchor's permutation basin; anchored flows take coupling 'independent' or 'ot'")
+        if anchor is not None and train.align:
+            raise ValueError("the zoo would be aligned to its network 0, not to the anchor you give: pass "
+                             "TrainConfig(align=False) with an explicit anchor, or no anchor (it then defaults to "
+                             "the alignment reference)")
+    elif anchor is not None:
+        raise ValueError("anchor= needs an anchored flow: FlowConfig(anchor=True)")
     t_start = time.perf_counter()
     if train.align:
         from metaflow_ws.symmetry import align_zoo
@@ -215,6 +239,8 @@ def train_flow(
         x1_all = flow.encode({k: v.to(device, torch.float32) for k, v in zoo.params.items()})
     if not torch.isfinite(x1_all).all():
         raise ValueError("the zoo's weights give NaN/inf flow coordinates (zero or non-finite rows?)")
+    if config.anchor:
+        flow.set_anchor(x1_all[0] if anchor is None else anchor)
     flow.set_scale_from(x1_all)
     coupling = make_coupling(train.coupling, flow.path_manifold if config.flow == "geometric" else None, flow.coords)
     opt = torch.optim.AdamW(flow.parameters(), lr=train.lr, weight_decay=train.weight_decay)

@@ -291,6 +291,10 @@ class RelationalTransformer(nn.Module):
         d_edge_hidden: hidden width of the edge-update MLP (default ``d_edge``).
         backend: ``"blocks"`` (fast, layer-block batched products) or ``"scatter"`` (generic ``edge_index``
             message passing); both compute the same function.
+        anchor: take a second network, the *anchor*, as input next to ``x`` (its weights and biases become
+            extra edge and node features). The model stays equivariant to permuting x and the anchor together;
+            with one fixed anchor (e.g. the shared initialization of a family zoo) it can tell neurons apart
+            and so learn a distribution that lives in one permutation basin.
         checkpoint: recompute each layer in the backward pass (activation checkpointing): training memory
             drops roughly by the number of layers, compute rises by about a third. ``"auto"`` turns it on
             when a batch's edge features ``B·E·d_edge`` reach :data:`AUTO_CHECKPOINT_ELEMENTS` (784-input
@@ -310,6 +314,7 @@ class RelationalTransformer(nn.Module):
         d_edge_hidden: int | None = None,
         backend: Backend = "blocks",
         checkpoint: bool | Literal["auto"] = "auto",
+        anchor: bool = False,
     ) -> None:
         super().__init__()
         de = d_model if d_edge is None else int(d_edge)
@@ -341,6 +346,8 @@ class RelationalTransformer(nn.Module):
         self.output_emb = nn.Parameter(0.5 * torch.randn(spec.out_features, d))
         self.edge_value = nn.Parameter(torch.randn(n_lin, de))
         self.edge_layer_emb = nn.Parameter(0.5 * torch.randn(n_lin, de))
+        self.node_anchor_value = nn.Parameter(torch.randn(n_lin + 1, d)) if anchor else None
+        self.edge_anchor_value = nn.Parameter(torch.randn(n_lin, de)) if anchor else None
         self.globals_in = nn.Linear(n_globals, d + de) if n_globals else None
         # conditioning: time (+ zero-initialised task embedding)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
@@ -424,8 +431,20 @@ class RelationalTransformer(nn.Module):
         return t, cond
 
     # ---------------------------------------------------------------------------------------- forward
+    @property
+    def anchored(self) -> bool:
+        return self.node_anchor_value is not None
+
+    def _graph_values(self, x: Tensor, spec: NetworkSpec) -> tuple[Tensor, Tensor]:
+        """``(nodes (B, N), edges (B, E))``: biases (zeros on input neurons) and weights in graph order."""
+        off = spec.offsets
+        edges_x = torch.cat([x[:, slice(*off[f"layers.{i}.weight"])] for i in range(spec.num_layers)], 1)
+        bias_x = torch.cat([x[:, slice(*off[f"layers.{i}.bias"])] for i in range(spec.num_layers)], 1)
+        return torch.cat([x.new_zeros(x.shape[0], spec.in_features), bias_x], 1), edges_x
+
     def forward(
-        self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, spec: NetworkSpec | None = None
+        self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, spec: NetworkSpec | None = None,
+        anchor: Tensor | None = None,
     ) -> Tensor:
         """Predict x1.
 
@@ -436,6 +455,8 @@ class RelationalTransformer(nn.Module):
             cond: ``(B, cond_dim)`` task embedding, or None (treated as zeros).
             spec: architecture of the networks in ``x`` (default: the model's own). Hidden widths may differ
                 from the model's spec; depth and input/output sizes may not (``ValueError``).
+            anchor: ``(D + n_globals,)`` or ``(B, D + n_globals)`` anchor network, in x's layout (models built
+                with ``anchor=True`` only, and then required).
 
         Returns:
             ``(B, D + n_globals)`` in the same layout.
@@ -445,6 +466,15 @@ class RelationalTransformer(nn.Module):
         else:
             spec = self.spec
         t, cond = self._check_inputs(x, t, cond, spec)
+        if self.anchored != (anchor is not None):
+            raise ValueError("this model was built with anchor=True and needs an anchor network" if self.anchored
+                             else "this model was built without anchor=True but got an anchor")
+        if anchor is not None:
+            if anchor.dim() == 1:
+                anchor = anchor.unsqueeze(0)
+            if anchor.shape[-1] != x.shape[1] or anchor.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"anchor must have shape ({x.shape[1]},) or ({x.shape[0]}, {x.shape[1]}); "
+                                 f"got {tuple(anchor.shape)}")
         topo = self.topology(spec, x.device)
         b, d, big_d = x.shape[0], self.d_model, spec.num_params
         # conditioning vector
@@ -453,10 +483,7 @@ class RelationalTransformer(nn.Module):
             c = c + (self.cond_in(cond) if cond is not None else self.cond_in.bias)
         c = F.gelu(c)
         # graph features: values embedded per layer, plus positions and globals
-        off = spec.offsets
-        edges_x = torch.cat([x[:, slice(*off[f"layers.{i}.weight"])] for i in range(spec.num_layers)], 1)
-        bias_x = torch.cat([x[:, slice(*off[f"layers.{i}.bias"])] for i in range(spec.num_layers)], 1)
-        nodes_x = torch.cat([x.new_zeros(b, spec.in_features), bias_x], 1)
+        nodes_x, edges_x = self._graph_values(x, spec)
         node_base = self._node_positions(topo).unsqueeze(0)
         edge_base = self.edge_layer_emb[topo.edge_layer].unsqueeze(0)
         if self.globals_in is not None:
@@ -464,6 +491,10 @@ class RelationalTransformer(nn.Module):
             node_base, edge_base = node_base + g_node, edge_base + g_edge
         h = torch.addcmul(node_base, nodes_x.unsqueeze(-1), self.node_value[topo.node_layer])
         e = torch.addcmul(edge_base, edges_x.unsqueeze(-1), self.edge_value[topo.edge_layer])
+        if anchor is not None:
+            nodes_a, edges_a = self._graph_values(anchor.to(x.dtype), spec)
+            h = torch.addcmul(h, nodes_a.unsqueeze(-1), self.node_anchor_value[topo.node_layer])
+            e = torch.addcmul(e, edges_a.unsqueeze(-1), self.edge_anchor_value[topo.edge_layer])
         # layers
         recompute = torch.is_grad_enabled() and (
             self.checkpoint is True
