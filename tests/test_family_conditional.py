@@ -177,3 +177,31 @@ def test_flow_method_runs_the_fewshot_protocol(tmp_path):
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     assert torch.equal(other.propose(ep.support_x, ep.support_y, 2, g())["layers.1.weight"],
                        m.propose(ep.support_x, ep.support_y, 2, g())["layers.1.weight"])
+
+
+def test_fewshot_cli_sets_flow_options(capsys, tmp_path):
+    """``--method-option flow.KEY=VALUE`` reaches the flow's settings, is recorded, and guards ``--reuse``."""
+    import json
+
+    from metaflow_ws.cli import main
+
+    out = tmp_path / "fs"
+    opts = ["flow.tasks=6", "flow.net_epochs=2", "flow.d_model=8", "flow.num_layers=1", "flow.query_weight=0.5",
+            "flow.query_steps=2", "flow.flow_steps=2"]
+    argv = ["fewshot", "--family", "sinusoid", "--shots", "5", "--methods", "flow", "--tasks", "3",
+            "--iterations", "2", "--plot-tasks", "0", "--out", str(out), "--device", "cpu"]
+    for o in opts:
+        argv += ["--method-option", o]
+    assert main([*argv, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["method_options"]["flow"]["query_weight"] == "0.5"
+    assert "`query_weight=0.5`" in (out / "README.md").read_text()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "state" / "sinusoid" / "flow.safetensors"), framework="pt") as fh:  # saved settings
+        config = json.loads(fh.metadata()["config"])
+    assert config["settings"]["query_weight"] == 0.5 and config["settings"]["d_model"] == 8
+    # reusing the state with other options is refused with the difference named
+    bad = [a if a != "flow.query_weight=0.5" else "flow.query_weight=1" for a in argv]
+    assert main([*bad, "--reuse"]) == 2
+    assert "query_weight" in capsys.readouterr().err

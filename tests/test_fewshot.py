@@ -359,6 +359,16 @@ def test_meta_training_improves_and_nan_is_reported(tmp_path):
         (["fewshot", "--family", "sinusoid", "--shots", "0"], "--shots must be ≥ 1"),
         (["fewshot", "--family", "sinusoid", "--iterations", "0"], "iterations must be ≥ 1"),
         (["fewshot", "--family", "digits", "--shots", "500", "--methods", "scratch"], "examples of every class"),
+        (["fewshot", "--family", "sinusoid", "--methods", "maml", "--method-option", "flow.query_weight=1"],
+         "does not include"),
+        (["fewshot", "--family", "sinusoid", "--methods", "flow", "--method-option", "flow.nope=1"],
+         "unknown option(s) ['nope'] for few-shot method 'flow'"),
+        (["fewshot", "--family", "sinusoid", "--methods", "flow", "--method-option", "flow.query_weight=x"],
+         "flow.query_weight='x': expected float"),
+        (["fewshot", "--family", "sinusoid", "--methods", "maml", "--method-option", "maml.lr=1"],
+         "'maml' takes no options"),
+        (["fewshot", "--family", "sinusoid", "--methods", "flow", "--method-option", "query_weight=1"],
+         "expected METHOD.KEY=VALUE"),
     ],
 )
 def test_cli_bad_input_exits_2(capsys, tmp_path, argv, message):
@@ -430,6 +440,21 @@ def test_cli_keeps_finished_methods_when_a_later_one_fails(capsys, tmp_path, mon
     assert entry["complete"] is False and list(entry["methods"]) == ["scratch"]
     readme = (out / "README.md").read_text()
     assert "## sin-try" in readme and "still to run: broken" in readme and "| scratch | 5 |" in readme
+
+
+def test_method_options_are_typed_from_the_settings_defaults():
+    from metaflow_ws.fewshot.baselines import method_settings, parse_method_options
+    from metaflow_ws.fewshot.conditional import FlowMethodConfig
+
+    opts = parse_method_options(["flow.query_weight=0.5", "flow.anchor=false", "flow.support_sizes=3,7",
+                                 "flow.flow_steps=10", "flow.coupling=ot"])
+    s = method_settings("flow", opts["flow"])
+    assert s == FlowMethodConfig(query_weight=0.5, anchor=False, support_sizes=(3, 7), flow_steps=10, coupling="ot")
+    assert isinstance(s.flow_steps, int) and isinstance(s.query_weight, float)
+    with pytest.raises(ValueError, match="expected true/false"):
+        method_settings("flow", {"anchor": "maybe"})
+    with pytest.raises(ValueError, match="flow_steps must be ≥ 1"):  # the settings' own validation still runs
+        method_settings("flow", {"flow_steps": "0"})
 
 
 def test_register_method_rejects_duplicates():

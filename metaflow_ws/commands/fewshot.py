@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-tasks", type=int, default=4, help="sinusoid test tasks drawn in the fits plot (0: no plot)")
     p.add_argument("--plot-methods", nargs="+", default=["maml", "flow"],
                    help="methods drawn in the sinusoid fits plot, one row each, when they run (default: maml flow)")
+    p.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="set a field of a method's settings, repeatable, e.g. flow.query_weight=1 or "
+                        "flow.sample_steps=4 (fields of FlowMethodConfig for flow)")
     p.add_argument("--budget-note", default="", help="a sentence recorded in the README (e.g. a reduced budget)")
     add_common(p)
 
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     from metaflow_ws.cli import print_json
     from metaflow_ws.errors import resolve_device
-    from metaflow_ws.fewshot.baselines import MetaConfig, get_method, method_names
+    from metaflow_ws.fewshot.baselines import MetaConfig, get_method, method_names, method_settings, \
+        parse_method_options
     from metaflow_ws.fewshot.episodes import get_family, stream_generator
     from metaflow_ws.fewshot.protocol import load_method_state, run_protocol, save_method_state
     from metaflow_ws.fewshot.report import plot_sinusoid_fits, update_results
@@ -84,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"unknown few-shot method(s) {unknown}; expected some of {known}")
+    options = parse_method_options(args.method_option)
+    stray = sorted(set(options) - set(methods))
+    if stray:
+        raise ValueError(f"--method-option names method(s) {stray} that this run does not include ({methods})")
+    for name, opts in options.items():
+        method_settings(name, opts)  # fail before any training on an unknown option or a bad value
     shots = sorted(set(args.shots or family.test_shots))
     if any(k < 1 for k in shots):
         raise ValueError(f"--shots must be ≥ 1; got {args.shots}")
@@ -133,12 +143,12 @@ def run(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "log_every"},
         "train_shots": config.train_shots or family.train_shots,
         "train_query": config.train_query or family.train_query,
-        "budget_note": args.budget_note, "plot": None, "plot_shots": shots[0], "plot_methods": [],
+        "budget_note": args.budget_note, "method_options": options, "plot": None, "plot_shots": shots[0], "plot_methods": [],
         "methods": {}, "planned_methods": methods, "complete": False, "seconds": 0.0,
     }
     kept: dict = {}
     for name in methods:
-        method = get_method(name, family, config, device=device, seed=args.seed)
+        method = get_method(name, family, config, device=device, seed=args.seed, options=options.get(name))
         state_path = out / "state" / label / f"{name}.safetensors"
         has_state = bool(method.state_dict())
         if args.reuse and has_state and state_path.is_file():

@@ -35,6 +35,8 @@ _LAZY = {
     "GradientMetaLearner": "metaflow_ws.fewshot.baselines",
     "get_method": "metaflow_ws.fewshot.baselines",
     "method_names": "metaflow_ws.fewshot.baselines",
+    "method_settings": "metaflow_ws.fewshot.baselines",
+    "parse_method_options": "metaflow_ws.fewshot.baselines",
     "register_method": "metaflow_ws.fewshot.baselines",
 }
 

@@ -51,6 +51,8 @@ __all__ = [
     "Scratch",
     "get_method",
     "method_names",
+    "method_settings",
+    "parse_method_options",
     "register_method",
 ]
 
@@ -308,12 +310,75 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` (a string from the command line, or already typed) as the type of the field's ``default``."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            low = value.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return low in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            return tuple(type(default[0])(v) for v in value.split(",")) if default else tuple(value.split(","))
+    except ValueError:
+        kind = "true/false" if isinstance(default, bool) else \
+            ("comma-separated values like " + ",".join(map(str, default))) if isinstance(default, tuple) else \
+            type(default).__name__
+        raise ValueError(f"method option {name}.{key}={value!r}: expected {kind}") from None
+    return value
+
+
+def method_settings(name: str, options: Mapping[str, Any]) -> Any:
+    """The settings object of method ``name`` (its factory's ``settings_class``, a dataclass) with ``options``
+    replacing defaults; strings are converted to each field's type. Raises ``ValueError`` for a method without
+    settings or an unknown option, naming the valid ones."""
+    import dataclasses
+
+    _load_plugins()
+    factory = METHODS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown few-shot method {name!r}; expected one of {list(METHODS)}")
+    cls = getattr(factory, "settings_class", None)
+    if cls is None:
+        raise ValueError(f"few-shot method {name!r} takes no options (only methods with a settings_class do)")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for few-shot method {name!r}; expected some of {list(fields)}")
+    defaults = cls()
+    return cls(**{k: _coerce(name, k, v, getattr(defaults, k)) for k, v in options.items()})
+
+
+def parse_method_options(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """``["flow.query_weight=1", ...]`` → ``{"flow": {"query_weight": "1"}}``; ``ValueError`` on bad syntax."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        head, eq, value = item.partition("=")
+        method, dot, key = head.partition(".")
+        if not (eq and dot and method.strip() and key.strip()):
+            raise ValueError(f"--method-option {item!r}: expected METHOD.KEY=VALUE, e.g. flow.query_weight=1")
+        out.setdefault(method.strip(), {})[key.strip()] = value.strip()
+    return out
+
+
 def get_method(name: str, family: Family, config: MetaConfig | None = None, *, device: torch.device | str = "cpu",
-               seed: int = 0) -> Method:
-    """Build the method ``name``; raises ``ValueError`` listing the registered names for an unknown one."""
+               seed: int = 0, options: Mapping[str, Any] | None = None) -> Method:
+    """Build the method ``name``; raises ``ValueError`` listing the registered names for an unknown one.
+
+    ``options`` set fields of the method's settings (see :func:`method_settings`), e.g. ``{"query_weight": 1}``
+    for ``flow``; they are passed to the factory as ``settings=``."""
     _load_plugins()
     try:
         factory = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown few-shot method {name!r}; expected one of {list(METHODS)}") from None
+    if options:
+        return factory(family, config or MetaConfig(), device=device, seed=seed,
+                       settings=method_settings(name, options))
     return factory(family, config or MetaConfig(), device=device, seed=seed)

@@ -86,6 +86,7 @@ class FlowMethod(Method):
     """Few-shot learner that samples initial networks from a task-conditioned weight flow."""
 
     name = "flow"
+    settings_class = FlowMethodConfig
 
     def __init__(self, family: Family, config: MetaConfig | None = None, *, device: torch.device | str = "cpu",
                  seed: int = 0, settings: FlowMethodConfig | None = None) -> None:

@@ -96,6 +96,10 @@ def markdown_family(entry: Mapping[str, Any]) -> str:
         done = list(entry["methods"])
         todo = [m for m in entry.get("planned_methods", []) if m not in done]
         lines += [f"**Incomplete:** the command has not finished (or failed); still to run: {', '.join(todo)}.", ""]
+    if entry.get("method_options"):
+        opts = "; ".join(f"{m}: " + ", ".join(f"`{k}={v}`" for k, v in o.items())
+                         for m, o in entry["method_options"].items())
+        lines += [f"**Method options** (changed from the defaults): {opts}.", ""]
     if entry.get("budget_note"):
         lines += [f"**Budget note:** {entry['budget_note']}", ""]
     head = "| method | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |"
