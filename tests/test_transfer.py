@@ -147,6 +147,9 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     assert {"task_transfer", "learned_init", "architecture_transfer", "command", "seeds"} <= set(data)
     for name in ("guidance_sweep.png", "init_curves.png", "architecture_transfer.png"):
         assert (out / name).stat().st_size > 1000
+    assert data["config"]["coupling"] == "ot-perm" and "coupling ot-perm" in text
+    assert main(["transfer", "--out", str(out), "--preset", "tiny", "--coupling", "nope"]) == 2
+    assert "unknown coupling 'nope'" in capsys.readouterr().err
 
 
 def test_normalized_guidance_steps_have_length_lambda_dt_and_lower_the_loss(flows, monkeypatch):

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="networks drawn per sweep cell")
     p.add_argument("--init-seeds", type=int, default=None, help="seeds per init method in the learned-init runs")
     p.add_argument("--init-steps", type=int, default=None, help="optimizer steps of the learned-init runs")
+    p.add_argument("--coupling", default=None,
+                   help="coupling of the source flows' training (default ot-perm, as metaflow-ws train)")
     p.add_argument("--no-mnist1d", action="store_true", help="skip the mnist1d -> shuffled mnist1d transfer")
     add_common(p)
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     preset = "quick" if args.quick else args.preset
     overrides = {k: v for k, v in {"flow_steps": args.flow_steps, "samples": args.samples,
-                                   "init_seeds": args.init_seeds, "init_steps": args.init_steps}.items()
+                                   "init_seeds": args.init_seeds, "init_steps": args.init_steps,
+                                   "coupling": args.coupling}.items()
                  if v is not None}
     if args.no_mnist1d:
         overrides["mnist1d"] = False

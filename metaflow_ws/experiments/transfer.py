@@ -52,6 +52,8 @@ class TransferConfig:
     preset: str = "full"
     seed: int = 0
     flow: str = "geometric"
+    #: coupling of flow training (``TrainConfig.coupling``); the zoo is aligned first
+    coupling: str = "ot-perm"
     d_model: int = 32
     num_layers: int = 3
     # (a) digits -> digits_permuted
@@ -92,6 +94,10 @@ class TransferConfig:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {list(PRESETS)}")
         if min(self.samples, self.candidates, self.init_seeds, self.init_steps, self.target_runs) < 1:
             raise ValueError("samples, candidates, init_seeds, init_steps and target_runs must be ≥ 1")
+        from metaflow_ws.flows.couplings import COUPLINGS
+
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {self.coupling!r}; expected one of {list(COUPLINGS)}")
         if not self.sample_steps or min(self.sample_steps) < 1:
             raise ValueError(f"sample_steps must hold positive step counts; got {self.sample_steps}")
 
@@ -241,7 +247,7 @@ def _train_source_flow(pair: _Pair, cfg: TransferConfig, out: Path | None, devic
     rec = pair.source.recipe
     fc = FlowConfig(flow=cfg.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=pair.source.name,
                     prior_std=rec.init_std, d_model=cfg.d_model, num_layers=cfg.num_layers)
-    tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling="ot", align=True)
+    tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling=cfg.coupling, align=True)
     folder = out / "flows" / pair.key if out is not None else None
     res = train_flow(zoo, fc, tc, folder, device=device)
     log(f"  {cfg.flow} flow on {pair.source.name}: {pair.flow_steps} steps in {res.seconds:.0f}s "
@@ -648,7 +654,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         s = res["sources"][tt["key"]]
         lines.append(f"| {tt['source']} ({tt['architecture']}) | {s['zoo_runs']} runs × {s['zoo_epochs']} epochs, "
                      f"{s['zoo_checkpoints']} checkpoints | {_fmt(s['zoo_final']['accuracy_mean'], s['zoo_final']['accuracy_std'])} "
-                     f"| {cfg['flow']}, RT d={cfg['d_model']} × {cfg['num_layers']} ({s['flow_params']} params), aligned + OT "
+                     f"| {cfg['flow']}, RT d={cfg['d_model']} × {cfg['num_layers']} ({s['flow_params']} params), aligned, "
+                     f"coupling {cfg.get('coupling', 'ot')} "
                      f"| {s['flow_steps']} | {s['flow_seconds']:.0f} |")
     lines += ["", "## (a) Task transfer by guidance", "",
               "Guidance uses the target's whole training split; `normalized` scales each sample's guidance gradient "
