@@ -416,8 +416,15 @@ def test_cli_end_to_end_writes_readme_and_reuses_states(capsys, tmp_path, monkey
     assert again["methods"]["maml"]["train"]["reused"] is True
     for k in ("5", "10"):
         assert again["methods"]["maml"]["results"][k]["results"] == res["methods"]["maml"]["results"][k]["results"]
+    # --reuse-from re-scores another section's states under a new label (here with 2 candidates)
+    assert main([*argv[:-3], "--label", "sin-best2", "--candidates", "2", "--reuse-from", "sinusoid", "--json"]) == 0
+    best2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert best2["methods"]["maml"]["train"]["reused"] is True and best2["candidates"] == 2
+    assert best2["methods"]["maml"]["state"] == "state/sinusoid/maml.safetensors"
+    assert main([*argv[:-3], "--label", "x", "--reuse-from", "nope"]) == 2
+    assert "no saved states" in capsys.readouterr().err
     stored = json.loads((out / "results.json").read_text())["families"]
-    assert set(stored) == {"sinusoid", "digits"}
+    assert set(stored) == {"sinusoid", "digits", "sin-best2"}
     readme = (out / "README.md").read_text()
     assert "## digits" in readme and "## sinusoid" in readme and "| anil | 1 |" in readme
 

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the family name)")
     p.add_argument("--reuse", action="store_true",
                    help="load saved meta-trained states from OUT/state instead of retraining (settings must match)")
+    p.add_argument("--reuse-from", default=None, metavar="LABEL",
+                   help="like --reuse, but load the states of another run's section (OUT/state/LABEL), e.g. to "
+                        "re-score a flow with more --candidates under a new --label")
     p.add_argument("--plot-tasks", type=int, default=4, help="sinusoid test tasks drawn in the fits plot (0: no plot)")
     p.add_argument("--plot-methods", nargs="+", default=["maml", "flow"],
                    help="methods drawn in the sinusoid fits plot, one row each, when they run (default: maml flow)")
@@ -109,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
     label = args.label or family.name
     if not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise ValueError(f"--label must use letters, digits, '.', '-' and '_'; got {label!r}")
+    source = args.reuse_from or label
+    if not source.replace("_", "").replace("-", "").replace(".", "").isalnum() or source.startswith("."):
+        raise ValueError(f"--reuse-from must be a label (letters, digits, '.', '-', '_'); got {source!r}")
+    if args.reuse_from is not None and not (Path(args.out) / "state" / source).is_dir():
+        raise ValueError(f"--reuse-from {source!r}: no saved states in {Path(args.out) / 'state' / source}")
+    reuse = args.reuse or args.reuse_from is not None
     steps = sorted(set(args.steps))
     config = MetaConfig(iterations=args.iterations, meta_batch=args.meta_batch, inner_lr=inner_lr,
                         inner_steps=args.inner_steps, outer_lr=args.outer_lr, train_shots=args.train_shots,
@@ -149,13 +158,15 @@ def run(args: argparse.Namespace) -> int:
     kept: dict = {}
     for name in methods:
         method = get_method(name, family, config, device=device, seed=args.seed, options=options.get(name))
-        state_path = out / "state" / label / f"{name}.safetensors"
+        state_path = out / "state" / source / f"{name}.safetensors"
         has_state = bool(method.state_dict())
-        if args.reuse and has_state and state_path.is_file():
+        if reuse and has_state and state_path.is_file():
             train = {**load_method_state(method, state_path), "reused": True}
             log(f"{name}: loaded {state_path}")
         else:
             log(f"{name}: meta-training ({args.iterations} iterations)" if has_state else f"{name}: no meta-training")
+            if args.reuse_from is not None and has_state:
+                raise ValueError(f"--reuse-from {source!r}: no saved state for {name} at {state_path}")
             train = method.meta_train(family, iterations=args.iterations,
                                       generator=stream_generator(args.seed, "train"), log=log)
             if has_state:
