@@ -369,6 +369,8 @@ def test_meta_training_improves_and_nan_is_reported(tmp_path):
          "'maml' takes no options"),
         (["fewshot", "--family", "sinusoid", "--methods", "flow", "--method-option", "query_weight=1"],
          "expected METHOD.KEY=VALUE"),
+        (["fewshot", "--family", "sinusoid", "--label", "../up"], "--label must use letters"),
+        (["fewshot", "--family", "sinusoid", "--reuse-from", ".."], "--reuse-from must use letters"),
     ],
 )
 def test_cli_bad_input_exits_2(capsys, tmp_path, argv, message):

@@ -110,11 +110,12 @@ def run(args: argparse.Namespace) -> int:
     if not lr > 0:
         raise ValueError(f"--lr must be positive; got {lr}")
     label = args.label or family.name
-    if not label.replace("_", "").replace("-", "").replace(".", "").isalnum():
-        raise ValueError(f"--label must use letters, digits, '.', '-' and '_'; got {label!r}")
+    for flag, value in (("--label", label), ("--reuse-from", args.reuse_from)):
+        # labels name a folder under OUT/state: no separators, no leading dot
+        if value is not None and (value.startswith(".")
+                                  or not value.replace("_", "").replace("-", "").replace(".", "").isalnum()):
+            raise ValueError(f"{flag} must use letters, digits, '.', '-' and '_' (not first '.'); got {value!r}")
     source = args.reuse_from or label
-    if not source.replace("_", "").replace("-", "").replace(".", "").isalnum() or source.startswith("."):
-        raise ValueError(f"--reuse-from must be a label (letters, digits, '.', '-', '_'); got {source!r}")
     if args.reuse_from is not None and not (Path(args.out) / "state" / source).is_dir():
         raise ValueError(f"--reuse-from {source!r}: no saved states in {Path(args.out) / 'state' / source}")
     reuse = args.reuse or args.reuse_from is not None
