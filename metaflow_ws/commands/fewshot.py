@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "log_every"},
         "train_shots": config.train_shots or family.train_shots,
         "train_query": config.train_query or family.train_query,
-        "budget_note": args.budget_note, "method_options": options, "plot": None, "plot_shots": shots[0], "plot_methods": [],
-        "methods": {}, "planned_methods": methods, "complete": False, "seconds": 0.0,
+        "budget_note": args.budget_note, "method_options": options,
+        "plot": None, "plot_shots": shots[0], "plot_methods": [], "methods": {}, "planned_methods": methods, "complete": False, "seconds": 0.0,
     }
     kept: dict = {}
     for name in methods:
@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
             train = {**load_method_state(method, state_path), "reused": True}
             log(f"{name}: loaded {state_path}")
         else:
-            log(f"{name}: meta-training ({args.iterations} iterations)" if has_state else f"{name}: no meta-training")
             if args.reuse_from is not None and has_state:
                 raise ValueError(f"--reuse-from {source!r}: no saved state for {name} at {state_path}")
+            log(f"{name}: meta-training ({args.iterations} iterations)" if has_state else f"{name}: no meta-training")
             train = method.meta_train(family, iterations=args.iterations,
                                       generator=stream_generator(args.seed, "train"), log=log)
             if has_state:

@@ -347,10 +347,10 @@ def method_settings(name: str, options: Mapping[str, Any]) -> Any:
     cls = getattr(factory, "settings_class", None)
     if cls is None:
         raise ValueError(f"few-shot method {name!r} takes no options (only methods with a settings_class do)")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for few-shot method {name!r}; expected some of {list(fields)}")
+        raise ValueError(f"unknown option(s) {unknown} for few-shot method {name!r}; expected some of {fields}")
     defaults = cls()
     return cls(**{k: _coerce(name, k, v, getattr(defaults, k)) for k, v in options.items()})
 
