@@ -51,6 +51,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C._functorch import maybe_current_level as _functorch_level
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from metaflow_ws.graph.neural_graph import neural_graph
@@ -496,7 +497,9 @@ class RelationalTransformer(nn.Module):
             h = torch.addcmul(h, nodes_a.unsqueeze(-1), self.node_anchor_value[topo.node_layer])
             e = torch.addcmul(e, edges_a.unsqueeze(-1), self.edge_anchor_value[topo.edge_layer])
         # layers
-        recompute = torch.is_grad_enabled() and (
+        # activation checkpointing relies on saved-tensor hooks, which torch.func transforms (the likelihood's
+        # vjp / jacrev of the field) do not support: inside one, layers run plainly
+        recompute = torch.is_grad_enabled() and _functorch_level() is None and (
             self.checkpoint is True
             or (self.checkpoint == "auto" and b * topo.num_edges * self.d_edge >= AUTO_CHECKPOINT_ELEMENTS)
         )
