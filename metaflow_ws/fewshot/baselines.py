@@ -310,6 +310,15 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+def _factory(name: str) -> MethodFactory:
+    """The registered factory of ``name``; ``ValueError`` listing the registered names for an unknown one."""
+    _load_plugins()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown few-shot method {name!r}; expected one of {list(METHODS)}") from None
+
+
 def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
     """``value`` (a string from the command line, or already typed) as the type of the field's ``default``."""
     if not isinstance(value, str):
@@ -340,11 +349,7 @@ def method_settings(name: str, options: Mapping[str, Any]) -> Any:
     settings or an unknown option, naming the valid ones."""
     import dataclasses
 
-    _load_plugins()
-    factory = METHODS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown few-shot method {name!r}; expected one of {list(METHODS)}")
-    cls = getattr(factory, "settings_class", None)
+    cls = getattr(_factory(name), "settings_class", None)
     if cls is None:
         raise ValueError(f"few-shot method {name!r} takes no options (only methods with a settings_class do)")
     fields = [f.name for f in dataclasses.fields(cls)]
@@ -373,11 +378,7 @@ def get_method(name: str, family: Family, config: MetaConfig | None = None, *, d
 
     ``options`` set fields of the method's settings (see :func:`method_settings`), e.g. ``{"query_weight": 1}``
     for ``flow``; they are passed to the factory as ``settings=``."""
-    _load_plugins()
-    try:
-        factory = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown few-shot method {name!r}; expected one of {list(METHODS)}") from None
+    factory = _factory(name)
     if options:
         return factory(family, config or MetaConfig(), device=device, seed=seed,
                        settings=method_settings(name, options))
