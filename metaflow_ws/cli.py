@@ -40,6 +40,16 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _commands() -> list[Any]:
     import metaflow_ws.commands as pkg
 
@@ -55,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Symmetry-aware flow matching over neural-network weights: zoos, flows, samples, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"metaflow-ws {__version__}")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads torch may use (default: torch's, one per core); use 1 when several jobs share the cores",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in _commands():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
@@ -68,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args._argv = argv  # the exact command, for results files that record how they were made
+    if args.threads is not None:
+        # Several jobs that each spin one thread per core on a shared machine slow each other down many times over.
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

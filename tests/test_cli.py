@@ -57,3 +57,22 @@ def test_evaluate_wrong_architecture(capsys, tiny_bc_zoo, tmp_path):
     tiny_bc_zoo.save(tmp_path / "z.safetensors")
     assert main(["evaluate", "--task", "digits", "--weights", str(tmp_path / "z.safetensors")]) == 2
     assert "64-10-10" in capsys.readouterr().err
+
+
+def test_threads_option_sets_torch_threads(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        run_json(capsys, ["--threads", "1", "tasks", "--json"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_threads_option_rejects_non_positive(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["--threads", value, "tasks"])
+    assert exc.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
