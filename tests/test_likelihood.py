@@ -252,6 +252,27 @@ def test_log_likelihood_errors(tiny_flows):
         log_likelihood(flow, torch.zeros(2, 26, dtype=D64), steps=0)
     with pytest.raises(ValueError, match="NaN"):
         log_likelihood(flow, torch.full((2, 26), float("nan"), dtype=D64))
+    with pytest.raises(ValueError, match="batch_size"):
+        log_likelihood(flow, torch.zeros(2, 26, dtype=D64), batch_size=0)
+
+
+def test_default_batch_size_bounds_the_edge_features(monkeypatch, tiny_flows):
+    """Large graphs are integrated a few networks at a time (160 MNIST1D networks at once ran out of 24 GB)."""
+    import metaflow_ws.models.relational_transformer as rt
+    from metaflow_ws.flows.likelihood import default_batch_size
+
+    _, flows = tiny_flows
+    flow = flows["geometric"]
+    per_network = flow.field.topo.num_edges * flow.field.d_edge
+    assert default_batch_size(flow) == min(256, rt.AUTO_CHECKPOINT_ELEMENTS // per_network)
+    monkeypatch.setattr(rt, "AUTO_CHECKPOINT_ELEMENTS", 3 * per_network + 1)
+    assert default_batch_size(flow) == 3
+    monkeypatch.setattr(rt, "AUTO_CHECKPOINT_ELEMENTS", 1)
+    assert default_batch_size(flow) == 1
+    # batching does not change the result
+    x = flow.sample_prior(5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(log_likelihood(flow, x, steps=3).log_prob,
+                               log_likelihood(flow, x, steps=3, batch_size=5).log_prob)
 
 
 # ------------------------------------------------------------------------------------------ detection
