@@ -334,3 +334,19 @@ def test_anchor_errors(tiny_bc_zoo):
     res = train_flow(tiny_bc_zoo, anchored, TrainConfig(steps=2, batch_size=4, coupling="independent", align=False),
                      anchor=net)
     torch.testing.assert_close(res.flow.anchor, res.flow.encode({k: v[None] for k, v in net.items()})[0])
+
+
+def test_default_prior_std(tiny_bc_zoo):
+    """The prior's σ: a synthetic task's [synthetic] prior_std, else the zoo's init scale (recipe init_std)."""
+    import dataclasses
+
+    from metaflow_ws.flows import default_prior_std
+    from metaflow_ws.tasks import get_task
+
+    assert default_prior_std(tiny_bc_zoo) == get_task("breast_cancer").recipe.init_std
+    other = dataclasses.replace(tiny_bc_zoo, recipe={**tiny_bc_zoo.recipe, "init_std": 0.7})
+    assert default_prior_std(other) == 0.7
+    assert default_prior_std(dataclasses.replace(other, task="not_registered[64-32-10]")) == 0.7
+    toy = get_task("gaussian_toy")
+    toy_zoo = dataclasses.replace(tiny_bc_zoo, task="gaussian_toy", recipe={"init_std": 123.0})
+    assert default_prior_std(toy_zoo) == toy.synthetic.prior_std != 123.0

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--prior-std", type=float, default=None, help="σ of the prior N(0, σ²I) (default: the zoo's init)")
+    p.add_argument("--prior-std", type=float, default=None,
+                   help="σ of the prior N(0, σ²I) (default: the zoo's init scale; a synthetic task's [synthetic] prior_std)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     add_common(p)
@@ -40,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from metaflow_ws.cli import print_json
     from metaflow_ws.commands import progress_bar
     from metaflow_ws.errors import resolve_device
-    from metaflow_ws.flows import FlowConfig, TrainConfig, train_flow
+    from metaflow_ws.flows import FlowConfig, TrainConfig, default_prior_std, train_flow
     from metaflow_ws.io import Zoo
 
     device = resolve_device(args.device)
     zoo = Zoo.load(args.zoo)
-    prior = args.prior_std if args.prior_std is not None else float(zoo.recipe.get("init_std", 0.1))
+    prior = args.prior_std if args.prior_std is not None else default_prior_std(zoo)
     config = FlowConfig(flow=args.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
                         prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from metaflow_ws.evaluation.metrics import evaluate_zoo
-from metaflow_ws.flows import FLOWS, FlowConfig, SampleConfig, TrainConfig, sample, train_flow
+from metaflow_ws.flows import FLOWS, FlowConfig, SampleConfig, TrainConfig, default_prior_std, sample, train_flow
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.tasks.registry import Task, get_task
 
@@ -58,7 +58,7 @@ def compare_flows(
     target = evaluate_zoo(task, zoo.final(), device=device)
     rows.append({"method": f"Target ({zoo.recipe.get('optimizer', '?')}-trained, final checkpoints)",
                  **_metrics(target), "n": target["n"]})
-    prior = float(zoo.recipe.get("init_std", 0.1))
+    prior = default_prior_std(zoo)
     for run in runs:
         cfg = FlowConfig(flow=run.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=task.name,
                          prior_std=prior, d_model=d_model, num_layers=num_layers)

@@ -359,11 +359,11 @@ class _Report:
         self.results["flows"] = self.flow_info
 
     def _flow(self, run: FlowRun, steps: int, folder: Path):
-        from metaflow_ws.flows import FlowConfig, TrainConfig, WeightFlow, train_flow
+        from metaflow_ws.flows import FlowConfig, TrainConfig, WeightFlow, default_prior_std, train_flow
 
         cfg, zoo = self.cfg, self.zoo
         fcfg = FlowConfig(flow=run.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
-                          prior_std=float(zoo.recipe.get("init_std", 0.1)), d_model=cfg.d_model,
+                          prior_std=default_prior_std(zoo), d_model=cfg.d_model,
                           num_layers=cfg.num_layers)
         tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, coupling=run.coupling, align=run.align,
                            seed=cfg.seed)

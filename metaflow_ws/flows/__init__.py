@@ -2,7 +2,7 @@
 
 from metaflow_ws.flows.coordinates import FLOWS, WeightCoordinates
 from metaflow_ws.flows.couplings import IndependentCoupling, OTCoupling, PermutationCoupling, make_coupling
-from metaflow_ws.flows.flow import FlowConfig, FlowFormatError, WeightFlow
+from metaflow_ws.flows.flow import FlowConfig, FlowFormatError, WeightFlow, default_prior_std
 from metaflow_ws.flows.likelihood import LikelihoodResult, log_likelihood
 from metaflow_ws.flows.sampling import SOLVERS, SampleConfig, guidance_gradient, sample
 from metaflow_ws.flows.train import TrainConfig, TrainResult, beta12, flow_matching_loss, train_flow
@@ -22,6 +22,7 @@ __all__ = [
     "WeightCoordinates",
     "WeightFlow",
     "beta12",
+    "default_prior_std",
     "flow_matching_loss",
     "guidance_gradient",
     "log_likelihood",

@@ -26,9 +26,26 @@ from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.nets.spec import NetworkSpec
 
 if TYPE_CHECKING:
+    from metaflow_ws.io import Zoo
     from metaflow_ws.models import SetEncoder
 
-__all__ = ["FlowConfig", "WeightFlow", "FlowFormatError"]
+__all__ = ["FlowConfig", "WeightFlow", "FlowFormatError", "default_prior_std"]
+
+
+def default_prior_std(zoo: Zoo) -> float:
+    """σ of the prior ``N(0, σ²I)`` for a flow over ``zoo``: a synthetic task's ``[synthetic] prior_std`` (the
+    thesis's §4.1 toy fixes the prior, not an init), otherwise the scale the zoo's networks were initialized at
+    (recipe ``init_std``, 0.1 when the zoo does not record one)."""
+    from metaflow_ws.errors import UnknownTaskError
+    from metaflow_ws.tasks import get_task
+
+    try:
+        synthetic = get_task(zoo.task).synthetic
+    except UnknownTaskError:  # a zoo of an unregistered task still trains with its recipe's scale
+        synthetic = None
+    if synthetic is not None:
+        return float(synthetic.prior_std)
+    return float(zoo.recipe.get("init_std", 0.1))
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "flow.safetensors"
