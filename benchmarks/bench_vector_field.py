@@ -6,7 +6,10 @@ normalized/geometric flows). The sampling row times 100 networks × 64 Euler ste
 (product-manifold velocity and exponential map, forward-only). Usage:
 
     python benchmarks/bench_vector_field.py [--batch 32] [--d-model 64] [--layers 5] [--heads 1]
-        [--d-edge D] [--backend blocks|scatter] [--steps 10] [--tune-malloc] [--quick] [--json]
+        [--d-edge D] [--backend blocks|scatter] [--steps 10] [--compile] [--tune-malloc] [--quick] [--json]
+
+``--compile`` adds, next to every eager row, the same step with the field under ``torch.compile`` (as
+``metaflow-ws train --compile``: no activation checkpointing), its one-off compile time and its speed-up.
 
 On CPU the model is memory-bound and glibc hands every large tensor fresh (page-faulting) pages;
 ``--tune-malloc`` keeps freed memory in the heap (``mallopt`` in the benchmark processes only), which
@@ -40,6 +43,8 @@ class Row:
     edges: int
     params: int
     checkpoint: str
+    compiled: bool
+    compile_s: float
     steps_per_s: float
     ms_per_step: float
     peak_mem_mb: float
@@ -76,14 +81,16 @@ def _build(spec: NetworkSpec, args: argparse.Namespace, checkpoint: bool | str, 
     ).to(device)
 
 
-def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: bool | str, out: mp.Queue) -> None:
+def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: bool | str, compiled: bool,
+                 out: mp.Queue) -> None:
     """Runs in a subprocess: steps/s of fwd + bwd + AdamW at ``args.batch``; peak memory."""
     _setup(args)
     device = torch.device(args.device)
     spec = NetworkSpec(widths)
     g = neural_graph(spec)
-    model = _build(spec, args, checkpoint, device)
+    model = _build(spec, args, False if compiled else checkpoint, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model, dynamic=False) if compiled else model
     gen = torch.Generator().manual_seed(0)
     x1 = torch.randn(args.batch, spec.num_params + 1, generator=gen).to(device)
     x0 = torch.randn(args.batch, spec.num_params + 1, generator=gen).to(device)
@@ -91,14 +98,16 @@ def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: 
     def step() -> None:
         t = torch.rand(args.batch, device=device)
         xt = x0 + t[:, None] * (x1 - x0)
-        loss = (model(xt, t) - x1).pow(2).mean()
+        loss = (forward(xt, t) - x1).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     baseline = _rss_mb()  # model, optimizer and data built, no step taken yet
     n_steps = max(2, args.steps // 3) if g.num_edges > 5000 else args.steps
-    step()  # warm-up (allocator, lazy imports)
+    t0 = time.perf_counter()
+    step()  # warm-up (allocator, lazy imports; compilation)
+    compile_s = time.perf_counter() - t0 if compiled else 0.0
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -114,11 +123,11 @@ def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: 
     else:
         peak = _rss_mb()
         over = peak - baseline
-    recomputed = checkpoint is True or (checkpoint == "auto" and args.batch * g.num_edges * model.d_edge
-                                        >= AUTO_CHECKPOINT_ELEMENTS)
+    recomputed = not compiled and (checkpoint is True or (checkpoint == "auto" and args.batch * g.num_edges
+                                                          * model.d_edge >= AUTO_CHECKPOINT_ELEMENTS))
     out.put(Row("-".join(map(str, widths)), g.num_nodes, g.num_edges, sum(p.numel() for p in model.parameters()),
                 f"{checkpoint}→{'on' if recomputed else 'off'}" if checkpoint == "auto" else str(checkpoint),
-                1 / dt, dt * 1e3, peak, over))
+                compiled, compile_s, 1 / dt, dt * 1e3, peak, over))
 
 
 def sampling_config(args: argparse.Namespace, out: mp.Queue) -> None:
@@ -169,14 +178,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tune-malloc", action="store_true", help="glibc: keep freed memory in the heap (see doc)")
+    ap.add_argument("--compile", action="store_true", help="also time every graph with torch.compile (see doc)")
+    ap.add_argument("--graphs", nargs="+", default=None, metavar="W-W-...",
+                    help="graphs to time instead of the default set, e.g. 30-16-16-2 40-100-100-10")
     ap.add_argument("--quick", action="store_true", help="skip the 784-10-10 runs and the sampling row")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     configs: list[tuple[tuple[int, ...], bool | str]] = [((30, 16, 16, 2), "auto"), ((64, 10, 10), "auto")]
     if not args.quick:
-        configs += [((784, 10, 10), "auto"), ((784, 10, 10), False)]
-    rows = [_run(train_config, w, args, ck) for w, ck in configs]
+        configs += [((40, 100, 100, 10), "auto"), ((784, 10, 10), "auto"), ((784, 10, 10), False)]
+    if args.graphs:
+        configs = [(tuple(int(w) for w in g.split("-")), "auto") for g in args.graphs]
+    rows = []
+    for w, ck in configs:
+        rows.append(_run(train_config, w, args, ck, False))
+        if args.compile and ck == "auto":
+            rows.append(_run(train_config, w, args, ck, True))
     sampling = None if args.quick else _run(sampling_config, args)
 
     if args.json:
@@ -186,11 +204,14 @@ def main() -> None:
     print(f"Relational Transformer d_model={args.d_model} d_edge={args.d_edge or args.d_model} layers={args.layers} "
           f"heads={args.heads} backend={args.backend} batch={args.batch} device={args.device} "
           f"threads={torch.get_num_threads() if not args.threads else args.threads} tune_malloc={args.tune_malloc}")
-    print(f"{'graph':>12} {'nodes':>6} {'edges':>6} {'params':>8} {'checkpoint':>10} {'steps/s':>8} {'ms/step':>8} "
-          f"{mem:>16} {'over base':>10}")
+    print(f"{'graph':>14} {'nodes':>6} {'edges':>6} {'params':>8} {'checkpoint':>10} {'mode':>8} {'steps/s':>8} "
+          f"{'ms/step':>8} {'vs eager':>8} {mem:>16} {'over base':>10}")
+    eager = {r.widths: r.steps_per_s for r in rows if not r.compiled and r.checkpoint.startswith("auto")}
     for r in rows:
-        print(f"{r.widths:>12} {r.nodes:>6} {r.edges:>6} {r.params:>8} {r.checkpoint:>10} "
-              f"{r.steps_per_s:>8.2f} {r.ms_per_step:>8.1f} {r.peak_mem_mb:>16.0f} {r.mem_over_baseline_mb:>10.0f}")
+        ratio = f"{r.steps_per_s / eager[r.widths]:.2f}x" if r.compiled and r.widths in eager else ""
+        print(f"{r.widths:>14} {r.nodes:>6} {r.edges:>6} {r.params:>8} {r.checkpoint:>10} "
+              f"{'compiled' if r.compiled else 'eager':>8} {r.steps_per_s:>8.2f} {r.ms_per_step:>8.1f} {ratio:>8} "
+              f"{r.peak_mem_mb:>16.0f} {r.mem_over_baseline_mb:>10.0f}" + (f"  (compile {r.compile_s:.0f} s)" if r.compiled else ""))
     print(f"(thesis flow at d=64: ~{THESIS_PARAMS // 1000}K parameters)")
     if sampling is not None:
         print(f"sampling: {sampling['networks']} networks x {sampling['euler_steps']} geometric Euler steps on "

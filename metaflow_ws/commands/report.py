@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coupling", choices=COUPLINGS, default=None,
                    help="coupling of the headline flows (default ot-perm, as `metaflow-ws train`)")
     p.add_argument("--no-ablation", action="store_true", help="skip the alignment/coupling grid")
+    p.add_argument("--compile", action="store_true",
+                   help="train the flows with torch.compile (≈ 1 min to compile, then 1.4-2.4× faster on CPU)")
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("-n", "--samples", type=int, default=None, help="samples per flow (default 100; --quick: 32)")
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         "lik_estimator": args.lik_estimator, "coupling": args.coupling,
     }.items() if v is not None}
     overrides |= {"seed": args.seed, "reuse": args.reuse, "device": args.device}
+    if args.compile:
+        overrides["compile"] = True
     if args.no_ablation:
         overrides["ablation"] = False
     if args.quick:

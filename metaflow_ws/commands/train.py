@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="σ of the prior N(0, σ²I) (default: the zoo's init scale; a synthetic task's [synthetic] prior_std)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--compile", action="store_true",
+                   help="run the vector field through torch.compile: ≈ 1 min to compile, then 1.4-2.4× faster "
+                        "steps on CPU (needs a C++ compiler); worth it for long runs and large graphs")
     add_common(p)
 
 
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     config = FlowConfig(flow=args.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
                         prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,
-                        align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                        align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                        compile=args.compile)
     bar, update = progress_bar(train.steps, f"train {args.flow}")
 
     def progress(step: int, total: int, loss: float, sps: float) -> None:
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                "final_loss": res.final_loss,
                "steps_per_second": round(res.steps_per_second, 2), "seconds": round(res.seconds, 2),
                "params": sum(p.numel() for p in res.flow.field.parameters()), "coupling": train.coupling,
-               "aligned": train.align}
+               "aligned": train.align, "compiled": train.compile}
     if args.json:
         print_json(summary)
     else:

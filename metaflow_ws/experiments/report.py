@@ -67,6 +67,8 @@ class ReportConfig:
     num_layers: int = 3
     lr: float = 2e-3
     batch_size: int = 32
+    #: train the flows with ``torch.compile`` (speed only: flows trained either way are reused)
+    compile: bool = False
     samples: int = 100
     sample_steps: int = 64
     solver: str = "euler"
@@ -366,7 +368,7 @@ class _Report:
                           prior_std=default_prior_std(zoo), d_model=cfg.d_model,
                           num_layers=cfg.num_layers)
         tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, coupling=run.coupling, align=run.align,
-                           seed=cfg.seed)
+                           seed=cfg.seed, compile=cfg.compile)
         info: dict[str, Any] = {"label": run.label, "flow": run.flow, "coupling": run.coupling, "aligned": run.align,
                                 "steps": steps, "folder": _rel(folder, self.out)}
         if cfg.reuse and _matches(folder, fcfg, tcfg, zoo):
@@ -834,7 +836,7 @@ def _matches(folder: Path, fcfg, tcfg, zoo: Zoo) -> bool:
     for key in ("steps", "batch_size", "lr", "coupling", "align", "seed"):
         if key not in train:
             return False
-    return all(train[k] == v for k, v in want_train.items() if k in train)
+    return all(train[k] == v for k, v in want_train.items() if k in train and k != "compile")  # compile: speed only
 
 
 def _columns(vals: Sequence[dict[str, float]]) -> dict[str, list[float]]:

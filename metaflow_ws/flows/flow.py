@@ -11,9 +11,11 @@ input/output sizes) that shares this flow's vector field; see its docstring for 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,6 +144,37 @@ class WeightFlow(nn.Module):
         self.path_manifold = self.coords.path_manifold
 
     # ------------------------------------------------------------------------------------------ basics
+    @contextlib.contextmanager
+    def compiled(self, enabled: bool = True, **compile_kwargs: Any) -> Iterator[WeightFlow]:
+        """Inside the block, the vector field runs through ``torch.compile`` (Inductor; CPU needs a C++ compiler).
+
+        Fused kernels make a training step 1.4× (30-16-16-2, d = 64 × 5 layers) to 2.4× (mnist1d's 15,000-edge
+        graph) faster on CPU (``benchmarks/bench_vector_field.py --compile``), after a one-off compilation of
+        about a minute per input shape. The compiled field runs without activation checkpointing, whose
+        recomputation costs more than Inductor saves (mnist1d, batch 32: 1.6 GB peak compiled vs 1.1 GB
+        checkpointed and 1.9 GB plain). The flow and its ``state_dict`` are unchanged; on exit the eager field
+        is back. ``compile_kwargs`` go to ``torch.compile`` (default ``dynamic=False``).
+        """
+        if not enabled:
+            yield self
+            return
+        field = self.field
+        saved = field.checkpoint
+        field.checkpoint = False
+        # a plain attribute (not a registered submodule): state_dict keys and parameters stay the field's own
+        self.__dict__["_compiled_field"] = torch.compile(field, **({"dynamic": False} | compile_kwargs))
+        try:
+            yield self
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            raise RuntimeError(
+                f"torch.compile could not build the vector field ({str(e).strip().splitlines()[0][:300]}); on CPU "
+                "it needs a working C++ compiler (e.g. `apt install g++`, or set CXX), on CUDA triton. "
+                "Train without compilation instead (drop --compile / TrainConfig(compile=False))"
+            ) from e
+        finally:
+            self.__dict__.pop("_compiled_field", None)
+            field.checkpoint = saved
+
     @property
     def spec(self) -> NetworkSpec:
         return self.config.spec
@@ -190,7 +223,8 @@ class WeightFlow(nn.Module):
             raise ValueError(f"flow coordinates must be (B, {self.dim}) for {self.spec.describe()}; got {tuple(x.shape)}")
         z = x / self.scale
         anchor = self.anchor / self.scale if self.config.anchor else None
-        out = self.field(z, t, cond, spec=self.spec, anchor=anchor)
+        field = self.__dict__.get("_compiled_field", self.field)
+        out = field(z, t, cond, spec=self.spec, anchor=anchor)
         if self.config.precondition:
             c_skip, c_out = self.preconditioning(t)
             out = c_skip * z + c_out * out

@@ -49,6 +49,9 @@ class TrainConfig:
     query_weight: float = 0.0
     query_steps: int = 4
     query_points: int = 32
+    #: run the vector field through ``torch.compile`` during training (see :meth:`WeightFlow.compiled`): about a
+    #: minute of compilation, then 1.4-2.4× faster steps on CPU; worth it for long runs and large graphs
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "checkpoint_every", "query_steps", "query_points"):
@@ -257,45 +260,46 @@ def train_flow(
     n = x1_all.shape[0]
     t_loop = time.perf_counter()
     flow.train()
-    for step in range(start, train.steps):
-        for g in opt.param_groups:
-            g["lr"] = train.lr * _lr_factor(step, train)
-        idx = torch.randint(n, (train.batch_size,), generator=gen).to(device)
-        x1 = x1_all[idx]
-        x0 = flow.sample_prior(train.batch_size, generator=gen)
-        x0, x1 = coupling(x0, x1)
-        t = beta12(train.batch_size, gen).to(device)
-        cond = None
-        if support is not None:
-            lo, hi = train.support_sizes
-            k = int(torch.randint(lo, hi + 1, (1,), generator=gen))
-            cond = flow.embed(*support.draw(idx, k, gen))
-        loss = flow_matching_loss(flow, x0, x1, t, sigma=config.sigma, generator=gen, cond=cond)
-        if train.query_weight > 0:
-            assert support is not None and cond is not None
-            qx, qy = support.draw(idx, train.query_points, gen)
-            loss = loss + train.query_weight * query_loss(flow, cond, qx, qy, support.kind, steps=train.query_steps,
-                                                          generator=gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"flow training diverged at step {step + 1} (loss={float(loss.detach())}); lower --lr "
-                                     f"(now {train.lr}) or check the zoo for extreme weights")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.parameters(), train.grad_clip)
-        opt.step()
-        decay = min(train.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in flow.state_dict().items():
-                if v.is_floating_point():
-                    ema[k].lerp_(v, 1 - decay)
-                else:
-                    ema[k].copy_(v)
-        losses.append(float(loss.detach()))
-        done = step + 1
-        if out is not None and (done % train.checkpoint_every == 0 or done == train.steps):
-            _save_checkpoint(out, done, losses, flow, ema, opt, gen, train)
-        if progress is not None:
-            progress(done, train.steps, losses[-1], (done - start) / max(time.perf_counter() - t_loop, 1e-9))
+    with flow.compiled(train.compile):
+        for step in range(start, train.steps):
+            for g in opt.param_groups:
+                g["lr"] = train.lr * _lr_factor(step, train)
+            idx = torch.randint(n, (train.batch_size,), generator=gen).to(device)
+            x1 = x1_all[idx]
+            x0 = flow.sample_prior(train.batch_size, generator=gen)
+            x0, x1 = coupling(x0, x1)
+            t = beta12(train.batch_size, gen).to(device)
+            cond = None
+            if support is not None:
+                lo, hi = train.support_sizes
+                k = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+                cond = flow.embed(*support.draw(idx, k, gen))
+            loss = flow_matching_loss(flow, x0, x1, t, sigma=config.sigma, generator=gen, cond=cond)
+            if train.query_weight > 0:
+                assert support is not None and cond is not None
+                qx, qy = support.draw(idx, train.query_points, gen)
+                loss = loss + train.query_weight * query_loss(flow, cond, qx, qy, support.kind,
+                                                              steps=train.query_steps, generator=gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"flow training diverged at step {step + 1} (loss={float(loss.detach())}); "
+                                         f"lower --lr (now {train.lr}) or check the zoo for extreme weights")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), train.grad_clip)
+            opt.step()
+            decay = min(train.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v in flow.state_dict().items():
+                    if v.is_floating_point():
+                        ema[k].lerp_(v, 1 - decay)
+                    else:
+                        ema[k].copy_(v)
+            losses.append(float(loss.detach()))
+            done = step + 1
+            if out is not None and (done % train.checkpoint_every == 0 or done == train.steps):
+                _save_checkpoint(out, done, losses, flow, ema, opt, gen, train)
+            if progress is not None:
+                progress(done, train.steps, losses[-1], (done - start) / max(time.perf_counter() - t_loop, 1e-9))
     seconds_loop = time.perf_counter() - t_loop
     flow.load_state_dict(ema)
     flow.eval()

@@ -100,6 +100,12 @@ class _Topology(nn.Module):
         self.edge_offsets = g.edge_offsets
         self.num_nodes = g.num_nodes
         self.num_edges = g.num_edges
+        # flat-layout slices of the weights (graph edge order) and biases, read without touching the spec's
+        # cached properties inside forward (torch.compile cannot trace functools.cached_property's lock)
+        off = spec.offsets
+        self.in_features = spec.in_features
+        self.weight_slices = [slice(*off[f"layers.{i}.weight"]) for i in range(spec.num_layers)]
+        self.bias_slices = [slice(*off[f"layers.{i}.bias"]) for i in range(spec.num_layers)]
         self.register_buffer("source", g.source.clone(), persistent=False)
         self.register_buffer("target", g.target.clone(), persistent=False)
         self.register_buffer("receivers", torch.cat([g.target, g.source]), persistent=False)
@@ -249,22 +255,23 @@ class RTLayer(nn.Module):
         # 1. attention over incoming and outgoing edges
         g, s = m_att.chunk(2, dim=-1)
         q, kf, kb, vf, vb = self.node_qkv(torch.addcmul(s, self.node_norm(h), 1.0 + g)).split(d, dim=-1)
-        g, s = m_edge.squeeze(1).chunk(2, dim=-1)
+        g, s = m_edge.chunk(2, dim=-1)
         w_s, w_v, w_p = self.edge_in.weight.split([2 * hh, d, k], dim=0)  # rows: (out, de)
-        # FiLM scale folded into per-sample weights; FiLM shift and biases applied at node level (exact: the
-        # attention weights of a node sum to one and the edge MLP adds node terms anyway)
-        scale_w = (1.0 + g).unsqueeze(-1) * torch.cat([w_s, w_p], 0).t().unsqueeze(0)  # (B, de, 2H + k)
-        s_shift, v_shift, pre_shift = (s @ self.edge_in.weight.t() + self.edge_in.bias).split([2 * hh, d, k], -1)
-        e_hat = self.edge_norm(e)
-        s_e, pre = torch.bmm(e_hat, scale_w).split([2 * hh, k], dim=-1)
+        # FiLM scale on the normalized edges; FiLM shift and biases applied at node level (exact: the attention
+        # weights of a node sum to one and the edge MLP adds node terms anyway). One shared-weight product for
+        # the score and edge-MLP terms (a per-sample folded weight would make it a much slower bmm).
+        s_shift, v_shift, pre_shift = (s.squeeze(1) @ self.edge_in.weight.t() + self.edge_in.bias).split(
+            [2 * hh, d, k], -1
+        )
+        e_hat = self.edge_norm(e) * (1.0 + g)
+        s_e, pre = F.linear(e_hat, torch.cat([w_s, w_p], 0)).split([2 * hh, k], dim=-1)
         sf, sb = (s_e + s_shift[:, None]).split(hh, dim=-1)
         vf = vf + v_shift[:, None]
         vb = vb + v_shift[:, None]
         heads = (t.reshape(b, n, hh, dh) for t in (q, kf, kb, vf, vb))
         agg_v, agg_e = attend(topo, *heads, sf, sb, e_hat)
         # edge value term by linearity: Σ α (W_v e_hat) = W_v (Σ α e_hat), projected per head at node level
-        w_vb = ((1.0 + g).unsqueeze(-1) * w_v.t().unsqueeze(0)).view(b, de, hh, dh)
-        attn = (agg_v + torch.einsum("bnhe,behd->bnhd", agg_e, w_vb)).reshape(b, n, d)
+        attn = (agg_v + torch.einsum("bnhe,ehd->bnhd", agg_e, w_v.t().view(de, hh, dh))).reshape(b, n, d)
         h = h + self.node_out(attn)
         # 2. node MLP
         g, s = m_mlp.chunk(2, dim=-1)
@@ -436,12 +443,12 @@ class RelationalTransformer(nn.Module):
     def anchored(self) -> bool:
         return self.node_anchor_value is not None
 
-    def _graph_values(self, x: Tensor, spec: NetworkSpec) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _graph_values(x: Tensor, topo: _Topology) -> tuple[Tensor, Tensor]:
         """``(nodes (B, N), edges (B, E))``: biases (zeros on input neurons) and weights in graph order."""
-        off = spec.offsets
-        edges_x = torch.cat([x[:, slice(*off[f"layers.{i}.weight"])] for i in range(spec.num_layers)], 1)
-        bias_x = torch.cat([x[:, slice(*off[f"layers.{i}.bias"])] for i in range(spec.num_layers)], 1)
-        return torch.cat([x.new_zeros(x.shape[0], spec.in_features), bias_x], 1), edges_x
+        edges_x = torch.cat([x[:, s] for s in topo.weight_slices], 1)
+        bias_x = torch.cat([x[:, s] for s in topo.bias_slices], 1)
+        return torch.cat([x.new_zeros(x.shape[0], topo.in_features), bias_x], 1), edges_x
 
     def forward(
         self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, spec: NetworkSpec | None = None,
@@ -484,7 +491,7 @@ class RelationalTransformer(nn.Module):
             c = c + (self.cond_in(cond) if cond is not None else self.cond_in.bias)
         c = F.gelu(c)
         # graph features: values embedded per layer, plus positions and globals
-        nodes_x, edges_x = self._graph_values(x, spec)
+        nodes_x, edges_x = self._graph_values(x, topo)
         node_base = self._node_positions(topo).unsqueeze(0)
         edge_base = self.edge_layer_emb[topo.edge_layer].unsqueeze(0)
         if self.globals_in is not None:
@@ -493,7 +500,7 @@ class RelationalTransformer(nn.Module):
         h = torch.addcmul(node_base, nodes_x.unsqueeze(-1), self.node_value[topo.node_layer])
         e = torch.addcmul(edge_base, edges_x.unsqueeze(-1), self.edge_value[topo.edge_layer])
         if anchor is not None:
-            nodes_a, edges_a = self._graph_values(anchor.to(x.dtype), spec)
+            nodes_a, edges_a = self._graph_values(anchor.to(x.dtype), topo)
             h = torch.addcmul(h, nodes_a.unsqueeze(-1), self.node_anchor_value[topo.node_layer])
             e = torch.addcmul(e, edges_a.unsqueeze(-1), self.edge_anchor_value[topo.edge_layer])
         # layers
