@@ -395,3 +395,19 @@ def test_compile_failure_is_a_clear_error(tiny_bc_zoo, monkeypatch):
         with flow.compiled():
             flow.predict_x1(x, torch.zeros(2))
     assert "_compiled_field" not in flow.__dict__ and flow.field.checkpoint == "auto"
+
+
+@pytest.mark.skipif(not _has_cxx(), reason="torch.compile on CPU needs a C++ compiler")
+def test_cli_train_compile(tiny_bc_zoo, tmp_path, capsys):
+    from metaflow_ws.cli import main
+
+    zoo = tmp_path / "zoo.safetensors"
+    tiny_bc_zoo.save(zoo)
+    assert main(["train", "--zoo", str(zoo), "--flow", "geometric", "--steps", "2", "--batch-size", "8",
+                 "--d-model", "8", "--layers", "1", "--no-align", "--coupling", "independent", "--compile",
+                 "--out", str(tmp_path / "flow"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["compiled"] is True and res["steps"] == 2
+    saved = json.loads((tmp_path / "flow" / "config.json").read_text())
+    assert saved["train"]["compile"] is True
+    WeightFlow.from_pretrained(tmp_path / "flow")  # the saved flow is the eager field's state

@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--samples", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=64)
     p.add_argument("--solver", choices=["euler", "heun"], default="euler")
+    p.add_argument("--compile", action="store_true", help="train the flows with torch.compile (as `train --compile`)")
     add_common(p)
 
 
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     t0 = time.perf_counter()
-    rows = compare_flows(zoo, runs=runs, train=TrainConfig(steps=args.steps, lr=args.lr), d_model=args.d_model,
+    rows = compare_flows(zoo, runs=runs, train=TrainConfig(steps=args.steps, lr=args.lr, compile=args.compile),
+                         d_model=args.d_model,
                          num_layers=args.layers, samples=args.samples,
                          sampler=SampleConfig(steps=args.sample_steps, solver=args.solver), seed=args.seed,
                          out_dir=out / "flows", device=device, log=lambda s: print(s, file=sys.stderr, flush=True))
