@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="coupling of the headline flows (default ot-perm, as `metaflow-ws train`)")
     p.add_argument("--no-ablation", action="store_true", help="skip the alignment/coupling grid")
     p.add_argument("--compile", action="store_true",
-                   help="train the flows with torch.compile (≈ 1 min to compile, then 1.4-2.4× faster on CPU)")
+                   help="train the flows with torch.compile (≈ 1 min to compile, then 1.3-2.4× faster on CPU)")
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("-n", "--samples", type=int, default=None, help="samples per flow (default 100; --quick: 32)")

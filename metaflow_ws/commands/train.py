@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--compile", action="store_true",
-                   help="run the vector field through torch.compile: ≈ 1 min to compile, then 1.4-2.4× faster "
+                   help="run the vector field through torch.compile: ≈ 1 min to compile, then 1.3-2.4× faster "
                         "steps on CPU (needs a C++ compiler); worth it for long runs and large graphs")
     add_common(p)
 

@@ -50,7 +50,7 @@ class TrainConfig:
     query_steps: int = 4
     query_points: int = 32
     #: run the vector field through ``torch.compile`` during training (see :meth:`WeightFlow.compiled`): about a
-    #: minute of compilation, then 1.4-2.4× faster steps on CPU; worth it for long runs and large graphs
+    #: minute of compilation, then 1.3-2.4× faster steps on CPU; worth it for long runs and large graphs
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -219,10 +219,9 @@ class RTLayer(nn.Module):
     """One pre-LN Relational Transformer layer: sparse attention → node MLP → edge update (see module doc).
 
     Node features have width ``d_model``, edge features ``d_edge``. Edge-side cost dominates (E ≫ N), so the
-    per-edge work is one layer norm, one batched product for all edge terms (the FiLM scale is folded into
-    per-sample weights; the FiLM shift and the biases move to node-level terms, which is exact because the
-    attention weights of a node sum to one and the edge MLP adds node terms anyway), the aggregation, and the
-    edge MLP.
+    per-edge work is one layer norm with the FiLM scale, one shared-weight product for all edge terms (the FiLM
+    shift and the biases move to node-level terms, which is exact because the attention weights of a node sum to
+    one and the edge MLP adds node terms anyway), the aggregation, and the edge MLP.
     """
 
     def __init__(self, d_model: int, d_edge: int, heads: int, d_edge_hidden: int, mlp_ratio: int = 4) -> None:
@@ -258,8 +257,8 @@ class RTLayer(nn.Module):
         g, s = m_edge.chunk(2, dim=-1)
         w_s, w_v, w_p = self.edge_in.weight.split([2 * hh, d, k], dim=0)  # rows: (out, de)
         # FiLM scale on the normalized edges; FiLM shift and biases applied at node level (exact: the attention
-        # weights of a node sum to one and the edge MLP adds node terms anyway). One shared-weight product for
-        # the score and edge-MLP terms (a per-sample folded weight would make it a much slower bmm).
+        # weights of a node sum to one and the edge MLP adds node terms anyway); one shared-weight product gives
+        # the score and edge-MLP terms.
         s_shift, v_shift, pre_shift = (s.squeeze(1) @ self.edge_in.weight.t() + self.edge_in.bias).split(
             [2 * hh, d, k], -1
         )
