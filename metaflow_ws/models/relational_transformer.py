@@ -100,12 +100,10 @@ class _Topology(nn.Module):
         self.edge_offsets = g.edge_offsets
         self.num_nodes = g.num_nodes
         self.num_edges = g.num_edges
-        # flat-layout slices of the weights (graph edge order) and biases, read without touching the spec's
-        # cached properties inside forward (torch.compile cannot trace functools.cached_property's lock)
-        off = spec.offsets
-        self.in_features = spec.in_features
-        self.weight_slices = [slice(*off[f"layers.{i}.weight"]) for i in range(spec.num_layers)]
-        self.bias_slices = [slice(*off[f"layers.{i}.bias"]) for i in range(spec.num_layers)]
+        self.graph = g
+        self.num_params = g.spec.num_params
+        # fill the spec's cached layout now: torch.compile cannot trace functools.cached_property's first call
+        g.spec.offsets  # noqa: B018
         self.register_buffer("source", g.source.clone(), persistent=False)
         self.register_buffer("target", g.target.clone(), persistent=False)
         self.register_buffer("receivers", torch.cat([g.target, g.source]), persistent=False)
@@ -445,9 +443,8 @@ class RelationalTransformer(nn.Module):
     @staticmethod
     def _graph_values(x: Tensor, topo: _Topology) -> tuple[Tensor, Tensor]:
         """``(nodes (B, N), edges (B, E))``: biases (zeros on input neurons) and weights in graph order."""
-        edges_x = torch.cat([x[:, s] for s in topo.weight_slices], 1)
-        bias_x = torch.cat([x[:, s] for s in topo.bias_slices], 1)
-        return torch.cat([x.new_zeros(x.shape[0], topo.in_features), bias_x], 1), edges_x
+        f = topo.graph.flat_to_graph(x[:, : topo.num_params])
+        return f.nodes.squeeze(-1), f.edges.squeeze(-1)
 
     def forward(
         self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, spec: NetworkSpec | None = None,
