@@ -6,9 +6,10 @@ normalized/geometric flows). The sampling row times 100 networks × 64 Euler ste
 (product-manifold velocity and exponential map, forward-only). Usage:
 
     python benchmarks/bench_vector_field.py [--batch 32] [--d-model 64] [--layers 5] [--heads 1]
-        [--d-edge D] [--backend blocks|scatter] [--steps 10] [--compile] [--tune-malloc] [--quick] [--json]
+        [--d-edge D] [--backend blocks|scatter] [--steps 10] [--compile] [--bf16] [--tune-malloc] [--quick] [--json]
 
-``--compile`` adds, next to every eager row, the same step with the field under ``torch.compile`` (as
+``--bf16`` adds a row with the field under bfloat16 autocast (``metaflow-ws train --precision bf16``) next to
+every mode. ``--compile`` adds, next to every eager row, the same step with the field under ``torch.compile`` (as
 ``metaflow-ws train --compile``: no activation checkpointing), its one-off compile time and its speed-up.
 
 On CPU the model is memory-bound and glibc hands every large tensor fresh (page-faulting) pages;
@@ -44,6 +45,7 @@ class Row:
     params: int
     checkpoint: str
     compiled: bool
+    precision: str
     compile_s: float
     steps_per_s: float
     ms_per_step: float
@@ -82,8 +84,9 @@ def _build(spec: NetworkSpec, args: argparse.Namespace, checkpoint: bool | str, 
 
 
 def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: bool | str, compiled: bool,
-                 out: mp.Queue) -> None:
-    """Runs in a subprocess: steps/s of fwd + bwd + AdamW at ``args.batch``; peak memory."""
+                 precision: str, out: mp.Queue) -> None:
+    """Runs in a subprocess: steps/s of fwd + bwd + AdamW at ``args.batch``; peak memory. ``precision="bf16"``
+    runs the field under bfloat16 autocast as ``WeightFlow.autocast`` does (float32 weights, loss and step)."""
     _setup(args)
     device = torch.device(args.device)
     spec = NetworkSpec(widths)
@@ -98,7 +101,9 @@ def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: 
     def step() -> None:
         t = torch.rand(args.batch, device=device)
         xt = x0 + t[:, None] * (x1 - x0)
-        loss = (forward(xt, t) - x1).pow(2).mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            pred = forward(xt, t)
+        loss = (pred.float() - x1).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -127,7 +132,7 @@ def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: 
                                                           * model.d_edge >= AUTO_CHECKPOINT_ELEMENTS))
     out.put(Row("-".join(map(str, widths)), g.num_nodes, g.num_edges, sum(p.numel() for p in model.parameters()),
                 f"{checkpoint}→{'on' if recomputed else 'off'}" if checkpoint == "auto" else str(checkpoint),
-                compiled, compile_s, 1 / dt, dt * 1e3, peak, over))
+                compiled, precision, compile_s, 1 / dt, dt * 1e3, peak, over))
 
 
 def sampling_config(args: argparse.Namespace, out: mp.Queue) -> None:
@@ -179,6 +184,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tune-malloc", action="store_true", help="glibc: keep freed memory in the heap (see doc)")
     ap.add_argument("--compile", action="store_true", help="also time every graph with torch.compile (see doc)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time every mode with the field under bfloat16 autocast (as train --precision bf16)")
     ap.add_argument("--graphs", nargs="+", default=None, metavar="W-W-...",
                     help="graphs to time instead of the default set, e.g. 30-16-16-2 40-100-100-10")
     ap.add_argument("--quick", action="store_true", help="skip the 784-10-10 runs and the sampling row")
@@ -191,10 +198,11 @@ def main() -> None:
     if args.graphs:
         configs = [(tuple(int(w) for w in g.split("-")), "auto") for g in args.graphs]
     rows = []
+    precisions = ["fp32", "bf16"] if args.bf16 else ["fp32"]
     for w, ck in configs:
-        rows.append(_run(train_config, w, args, ck, False))
-        if args.compile and ck == "auto":
-            rows.append(_run(train_config, w, args, ck, True))
+        for compiled in [False, True] if args.compile and ck == "auto" else [False]:
+            for prec in precisions:
+                rows.append(_run(train_config, w, args, ck, compiled, prec))
     sampling = None if args.quick else _run(sampling_config, args)
 
     if args.json:
@@ -204,13 +212,16 @@ def main() -> None:
     print(f"Relational Transformer d_model={args.d_model} d_edge={args.d_edge or args.d_model} layers={args.layers} "
           f"heads={args.heads} backend={args.backend} batch={args.batch} device={args.device} "
           f"threads={torch.get_num_threads() if not args.threads else args.threads} tune_malloc={args.tune_malloc}")
-    print(f"{'graph':>14} {'nodes':>6} {'edges':>6} {'params':>8} {'checkpoint':>10} {'mode':>8} {'steps/s':>8} "
+    print(f"{'graph':>14} {'nodes':>6} {'edges':>6} {'params':>8} {'checkpoint':>10} {'mode':>13} {'steps/s':>8} "
           f"{'ms/step':>8} {'vs eager':>8} {mem:>16} {'over base':>10}")
-    eager = {r.widths: r.steps_per_s for r in rows if not r.compiled and r.checkpoint.startswith("auto")}
+    eager = {r.widths: r.steps_per_s for r in rows
+             if not r.compiled and r.precision == "fp32" and r.checkpoint.startswith("auto")}
     for r in rows:
-        ratio = f"{r.steps_per_s / eager[r.widths]:.2f}x" if r.compiled and r.widths in eager else ""
+        fast = r.compiled or r.precision != "fp32"
+        ratio = f"{r.steps_per_s / eager[r.widths]:.2f}x" if fast and r.widths in eager else ""
+        mode = ("compiled" if r.compiled else "eager") + ("+bf16" if r.precision == "bf16" else "")
         print(f"{r.widths:>14} {r.nodes:>6} {r.edges:>6} {r.params:>8} {r.checkpoint:>10} "
-              f"{'compiled' if r.compiled else 'eager':>8} {r.steps_per_s:>8.2f} {r.ms_per_step:>8.1f} {ratio:>8} "
+              f"{mode:>13} {r.steps_per_s:>8.2f} {r.ms_per_step:>8.1f} {ratio:>8} "
               f"{r.peak_mem_mb:>16.0f} {r.mem_over_baseline_mb:>10.0f}" + (f"  (compile {r.compile_s:.0f} s)" if r.compiled else ""))
     print(f"(thesis flow at d=64: ~{THESIS_PARAMS // 1000}K parameters)")
     if sampling is not None:

@@ -411,3 +411,52 @@ def test_cli_train_compile(tiny_bc_zoo, tmp_path, capsys):
     saved = json.loads((tmp_path / "flow" / "config.json").read_text())
     assert saved["train"]["compile"] is True
     WeightFlow.from_pretrained(tmp_path / "flow")  # the saved flow is the eager field's state
+
+
+def test_bf16_autocast_field_close_to_fp32_and_training_stays_fp32(tiny_bc_zoo):
+    cfg = FlowConfig(flow="geometric", widths=tiny_bc_zoo.spec.widths, task=tiny_bc_zoo.task, d_model=16,
+                     num_layers=2)
+    torch.manual_seed(0)
+    flow = WeightFlow(cfg)
+    x = flow.data_manifold.project(torch.randn(4, flow.dim))
+    t = torch.rand(4)
+    with torch.no_grad():
+        ref = flow.predict_x1(x, t)
+        with flow.autocast("bf16"):
+            amp = flow.predict_x1(x, t)
+    assert "_autocast_dtype" not in flow.__dict__
+    # the field really ran in bfloat16 (8-bit mantissa: not bit-identical) and its output came back as float32,
+    # within bfloat16 rounding of the float32 result
+    assert amp.dtype == torch.float32 and not torch.equal(amp, ref)
+    assert float((amp - ref).norm() / ref.norm()) < 3e-2
+    with flow.autocast(None), torch.no_grad():
+        torch.testing.assert_close(flow.predict_x1(x, t), ref)
+    tc = TrainConfig(steps=4, batch_size=8, align=False, seed=1, coupling="independent")
+    fp32 = train_flow(tiny_bc_zoo, cfg, tc)
+    bf16 = train_flow(tiny_bc_zoo, cfg, dataclasses.replace(tc, precision="bf16"))
+    assert bf16.losses == pytest.approx(fp32.losses, rel=5e-2) and bf16.losses != fp32.losses
+    assert all(v.dtype == torch.float32 for v in bf16.flow.state_dict().values() if v.is_floating_point())
+
+
+def test_unknown_precision_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown precision 'fp16'.*'bf16'"):
+        TrainConfig(precision="fp16")
+    flow = WeightFlow(FlowConfig(flow="euclidean", widths=(3, 4, 2), d_model=8, num_layers=1))
+    with pytest.raises(ValueError, match="unsupported autocast dtype"):
+        with flow.autocast(torch.float16):
+            pass
+
+
+def test_cli_train_precision(tiny_bc_zoo, tmp_path, capsys):
+    from metaflow_ws.cli import main
+
+    zoo = tmp_path / "zoo.safetensors"
+    tiny_bc_zoo.save(zoo)
+    assert main(["train", "--zoo", str(zoo), "--flow", "normalized", "--steps", "2", "--batch-size", "8",
+                 "--d-model", "8", "--layers", "1", "--no-align", "--coupling", "independent", "--precision", "bf16",
+                 "--out", str(tmp_path / "flow"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["precision"] == "bf16"
+    assert json.loads((tmp_path / "flow" / "config.json").read_text())["train"]["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        main(["train", "--zoo", str(zoo), "--flow", "normalized", "--precision", "fp8", "--out", str(tmp_path / "x")])

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the vector field through torch.compile: ≈ 1 min to compile, then 1.3-2.4× faster "
                         "steps on CPU (needs a C++ compiler); worth it for long runs and large graphs")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
+                   help="bf16: the vector field in mixed precision (≈ 1.4x faster compiled steps on CPUs with "
+                        "AMX / AVX512-BF16 and on GPUs; emulated and slower elsewhere)")
     add_common(p)
 
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                         prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,
                         align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                        compile=args.compile)
+                        compile=args.compile, precision=args.precision)
     bar, update = progress_bar(train.steps, f"train {args.flow}")
 
     def progress(step: int, total: int, loss: float, sps: float) -> None:
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                "final_loss": res.final_loss,
                "steps_per_second": round(res.steps_per_second, 2), "seconds": round(res.seconds, 2),
                "params": sum(p.numel() for p in res.flow.field.parameters()), "coupling": train.coupling,
-               "aligned": train.align, "compiled": train.compile}
+               "aligned": train.align, "compiled": train.compile,
+               "precision": train.precision}
     if args.json:
         print_json(summary)
     else:

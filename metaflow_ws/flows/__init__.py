@@ -2,13 +2,14 @@
 
 from metaflow_ws.flows.coordinates import FLOWS, WeightCoordinates
 from metaflow_ws.flows.couplings import IndependentCoupling, OTCoupling, PermutationCoupling, make_coupling
-from metaflow_ws.flows.flow import FlowConfig, FlowFormatError, WeightFlow, default_prior_std
+from metaflow_ws.flows.flow import PRECISIONS, FlowConfig, FlowFormatError, WeightFlow, default_prior_std
 from metaflow_ws.flows.likelihood import LikelihoodResult, log_likelihood
 from metaflow_ws.flows.sampling import SOLVERS, SampleConfig, guidance_gradient, sample
 from metaflow_ws.flows.train import TrainConfig, TrainResult, beta12, flow_matching_loss, train_flow
 
 __all__ = [
     "FLOWS",
+    "PRECISIONS",
     "SOLVERS",
     "FlowConfig",
     "FlowFormatError",

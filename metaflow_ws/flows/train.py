@@ -52,8 +52,15 @@ class TrainConfig:
     #: run the vector field through ``torch.compile`` during training (see :meth:`WeightFlow.compiled`): about a
     #: minute of compilation, then 1.3-2.4× faster steps on CPU; worth it for long runs and large graphs
     compile: bool = False
+    #: precision of the vector field during training: ``"fp32"`` or ``"bf16"`` (mixed precision, see
+    #: :meth:`WeightFlow.autocast`; ≈ 1.4× faster compiled steps on CPUs with AMX / AVX512-BF16 and on GPUs)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        from metaflow_ws.flows.flow import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {list(PRECISIONS)}")
         for k in ("steps", "batch_size", "checkpoint_every", "query_steps", "query_points"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be ≥ 1; got {getattr(self, k)}")
@@ -260,7 +267,7 @@ def train_flow(
     n = x1_all.shape[0]
     t_loop = time.perf_counter()
     flow.train()
-    with flow.compiled(train.compile):
+    with flow.compiled(train.compile), flow.autocast(train.precision):
         for step in range(start, train.steps):
             for g in opt.param_groups:
                 g["lr"] = train.lr * _lr_factor(step, train)
