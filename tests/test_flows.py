@@ -212,6 +212,12 @@ def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
     assert main(["evaluate", "--task", "breast_cancer", "--weights", str(tmp_path / "s.safetensors"), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["n"] == 5 and 0 <= ev["accuracy_mean"] <= 1
+    assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--steps", "2", "--guidance", "0.5",
+                 "--guidance-normalize", "--task", "breast_cancer", "--out", str(tmp_path / "g.safetensors")]) == 0
+    from metaflow_ws.io import Zoo
+
+    sampler = Zoo.load(tmp_path / "g.safetensors").info["sampler"]
+    assert sampler["guidance"] == 0.5 and sampler["guidance_normalize"] is True
     # a flow used on a task of another architecture is a clear error
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--guidance", "0.1", "--task", "digits",
                  "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -137,7 +137,7 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     from metaflow_ws.cli import main
 
     out = tmp_path / "transfer"
-    rc = main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu"])
+    rc = main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu", "--layers", "2"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["out"] == str(out)
@@ -148,6 +148,7 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     for name in ("guidance_sweep.png", "init_curves.png", "architecture_transfer.png"):
         assert (out / name).stat().st_size > 1000
     assert data["config"]["coupling"] == "ot-perm" and "coupling ot-perm" in text
+    assert (data["config"]["d_model"], data["config"]["num_layers"]) == (8, 2) and "RT d=8 × 2" in text
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--coupling", "nope"]) == 2
     assert "unknown coupling 'nope'" in capsys.readouterr().err
 

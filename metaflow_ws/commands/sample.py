@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-window", type=float, nargs=2, default=(0.0, 1.0), metavar=("T0", "T1"),
                    help="add noise only for t in [T0, T1)")
     p.add_argument("--guidance", type=float, default=0.0, help="task-loss guidance strength λ (needs --task)")
+    p.add_argument("--guidance-normalize", action="store_true",
+                   help="scale each sample's guidance gradient to unit norm (λ becomes a speed in flow coordinates)")
     p.add_argument("--task", default=None, help="task whose training loss guides sampling")
     p.add_argument("--guidance-batch", type=int, default=256, help="training points used for guidance")
     p.add_argument("--out", required=True, help="output zoo-format .safetensors file")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     flow = WeightFlow.from_pretrained(args.flow, device=device)
     cfg = SampleConfig(steps=args.steps, solver=args.solver, noise=args.noise, noise_window=tuple(args.noise_window),
-                       guidance=args.guidance)
+                       guidance=args.guidance, guidance_normalize=args.guidance_normalize)
     gdata = None
     if args.guidance > 0:
         if args.task is None:
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     zoo = Zoo.from_params(args.task or flow.config.task, flow.spec, {k: v.cpu() for k, v in params.items()},
                           info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
                                 "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
-                                            "noise_window": list(cfg.noise_window), "guidance": cfg.guidance},
+                                            "noise_window": list(cfg.noise_window), "guidance": cfg.guidance,
+                                            "guidance_normalize": cfg.guidance_normalize},
                                 "seed": args.seed, "seconds": seconds})
     zoo.save(args.out)
     res = {"out": str(args.out), "n": args.num, "flow": flow.config.flow, "steps": cfg.steps, "solver": cfg.solver,

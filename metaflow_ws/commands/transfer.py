@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-steps", type=int, default=None, help="optimizer steps of the learned-init runs")
     p.add_argument("--coupling", default=None,
                    help="coupling of the source flows' training (default ot-perm, as metaflow-ws train)")
+    p.add_argument("--d-model", type=int, default=None, help="width of the source flows' vector field")
+    p.add_argument("--layers", type=int, default=None, help="layers of the source flows' vector field")
+    p.add_argument("--compile", action="store_true",
+                   help="train the source flows with torch.compile (≈ 1 min to compile, then 1.3-2.4× faster on CPU)")
     p.add_argument("--no-mnist1d", action="store_true", help="skip the mnist1d -> shuffled mnist1d transfer")
     add_common(p)
 
@@ -43,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
     preset = "quick" if args.quick else args.preset
     overrides = {k: v for k, v in {"flow_steps": args.flow_steps, "samples": args.samples,
                                    "init_seeds": args.init_seeds, "init_steps": args.init_steps,
-                                   "coupling": args.coupling}.items()
+                                   "coupling": args.coupling, "d_model": args.d_model,
+                                   "num_layers": args.layers}.items()
                  if v is not None}
+    if args.compile:
+        overrides["compile"] = True
     if args.no_mnist1d:
         overrides["mnist1d"] = False
     cfg = TransferConfig.from_preset(preset, seed=args.seed, **overrides)

@@ -56,6 +56,8 @@ class TransferConfig:
     coupling: str = "ot-perm"
     d_model: int = 32
     num_layers: int = 3
+    #: train the source flows under ``torch.compile`` (``TrainConfig.compile``)
+    compile: bool = False
     # (a) digits -> digits_permuted
     zoo_runs: int = 50
     zoo_epochs: int | None = None  # None: the task recipe's
@@ -64,7 +66,7 @@ class TransferConfig:
     target_runs: int = 10
     target_epochs: int | None = None
     samples: int = 32
-    guidance: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0)
+    guidance: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0)
     sample_steps: tuple[int, ...] = (32, 128, 256)
     raw_guidance: tuple[float, ...] = (0.1, 1.0)  # thesis-style unnormalized gradients, at the largest steps
     candidates: int = 8
@@ -75,7 +77,7 @@ class TransferConfig:
     mnist1d_zoo_epochs: int = 50
     mnist1d_flow_steps: int = 1500
     mnist1d_samples: int = 16
-    mnist1d_guidance: tuple[float, ...] = (0.0, 3.0, 10.0)
+    mnist1d_guidance: tuple[float, ...] = (0.0, 3.0, 10.0, 30.0)
     mnist1d_sample_steps: tuple[int, ...] = (64, 256)
     sequence_permutation_seed: int = 1
     # (b) learned initialization on the held-out digits_permuted task
@@ -247,7 +249,7 @@ def _train_source_flow(pair: _Pair, cfg: TransferConfig, out: Path | None, devic
     rec = pair.source.recipe
     fc = FlowConfig(flow=cfg.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=pair.source.name,
                     prior_std=rec.init_std, d_model=cfg.d_model, num_layers=cfg.num_layers)
-    tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling=cfg.coupling, align=True)
+    tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling=cfg.coupling, align=True, compile=cfg.compile)
     folder = out / "flows" / pair.key if out is not None else None
     res = train_flow(zoo, fc, tc, folder, device=device)
     log(f"  {cfg.flow} flow on {pair.source.name}: {pair.flow_steps} steps in {res.seconds:.0f}s "
