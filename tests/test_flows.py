@@ -232,12 +232,15 @@ def test_cli_compare_writes_table(tiny_bc_zoo, tmp_path, capsys):
     zoo = tmp_path / "zoo.safetensors"
     tiny_bc_zoo.save(zoo)
     assert main(["compare", "--zoo", str(zoo), "--out", str(tmp_path / "res"), "--flows", "euclidean", "geometric:ot",
-                 "--steps", "3", "--d-model", "8", "--layers", "1", "-n", "4", "--sample-steps", "3", "--json"]) == 0
+                 "--steps", "3", "--d-model", "8", "--layers", "1", "-n", "4", "--sample-steps", "3", "--precision",
+                 "bf16", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["method"] for r in res["rows"]][1:] == ["Euclidean (aligned)", "Geometric (aligned+OT)"]
     text = (tmp_path / "res" / "README.md").read_text()
     assert "| Geometric (aligned+OT) |" in text and "metaflow-ws compare" in text
     assert (tmp_path / "res" / "flows" / "geometric_ot_aligned" / "samples.safetensors").is_file()
+    saved = json.loads((tmp_path / "res" / "flows" / "geometric_ot_aligned" / "config.json").read_text())
+    assert saved["train"]["precision"] == "bf16"
     assert main(["compare", "--zoo", str(zoo), "--out", str(tmp_path / "r2"), "--flows", "spherical"]) == 2
 
 

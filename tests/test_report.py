@@ -113,8 +113,10 @@ def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
     assert main(["report", "--task", "mnist1d", "--out", str(tmp_path)]) == 0
     full = seen["cfg"]
     assert not full.quick and full.steps == 3000 and full.samples == 100 and full.coupling == "ot-perm"
-    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--coupling", "ot"]) == 0
-    assert seen["cfg"].coupling == "ot"
+    assert not full.compile and full.precision == "fp32"
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--coupling", "ot", "--compile",
+                 "--precision", "bf16"]) == 0
+    assert seen["cfg"].coupling == "ot" and seen["cfg"].compile and seen["cfg"].precision == "bf16"
 
 
 def test_report_errors(tmp_path, monkeypatch, capsys):

@@ -137,7 +137,8 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     from metaflow_ws.cli import main
 
     out = tmp_path / "transfer"
-    rc = main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu", "--layers", "2"])
+    rc = main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu", "--layers", "2",
+               "--precision", "bf16"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["out"] == str(out)
@@ -149,6 +150,7 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
         assert (out / name).stat().st_size > 1000
     assert data["config"]["coupling"] == "ot-perm" and "coupling ot-perm" in text
     assert (data["config"]["d_model"], data["config"]["num_layers"]) == (8, 2) and "RT d=8 × 2" in text
+    assert data["config"]["precision"] == "bf16"
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--coupling", "nope"]) == 2
     assert "unknown coupling 'nope'" in capsys.readouterr().err
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common
+from metaflow_ws.commands import add_common, add_speed_options
 
 NAME = "compare"
 HELP = "train the three flows on a zoo, sample, and write a comparison table with the target networks"
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--samples", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=64)
     p.add_argument("--solver", choices=["euler", "heun"], default="euler")
-    p.add_argument("--compile", action="store_true", help="train the flows with torch.compile (as `train --compile`)")
+    add_speed_options(p, "the flows")
     add_common(p)
 
 
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     t0 = time.perf_counter()
-    rows = compare_flows(zoo, runs=runs, train=TrainConfig(steps=args.steps, lr=args.lr, compile=args.compile),
+    rows = compare_flows(zoo, runs=runs, train=TrainConfig(steps=args.steps, lr=args.lr, compile=args.compile,
+                                                                 precision=args.precision),
                          d_model=args.d_model,
                          num_layers=args.layers, samples=args.samples,
                          sampler=SampleConfig(steps=args.sample_steps, solver=args.solver), seed=args.seed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common
+from metaflow_ws.commands import add_common, add_speed_options
 from metaflow_ws.flows.couplings import COUPLINGS
 
 NAME = "report"
@@ -38,14 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coupling", choices=COUPLINGS, default=None,
                    help="coupling of the headline flows (default ot-perm, as `metaflow-ws train`)")
     p.add_argument("--no-ablation", action="store_true", help="skip the alignment/coupling grid")
-    p.add_argument("--compile", action="store_true",
-                   help="train the flows with torch.compile (≈ 1 min to compile, then 1.3-2.4× faster on CPU)")
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("-n", "--samples", type=int, default=None, help="samples per flow (default 100; --quick: 32)")
     p.add_argument("--sample-steps", type=int, default=None, help="integration steps (default 64; --quick: 16)")
     p.add_argument("--lik-networks", type=int, default=None, help="networks per population for the likelihood AUROC")
     p.add_argument("--lik-estimator", choices=["exact", "hutchinson"], default=None)
+    add_speed_options(p, "the flows")
     add_common(p)
 
 
@@ -67,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     overrides |= {"seed": args.seed, "reuse": args.reuse, "device": args.device}
     if args.compile:
         overrides["compile"] = True
+    overrides["precision"] = args.precision
     if args.no_ablation:
         overrides["ablation"] = False
     if args.quick:

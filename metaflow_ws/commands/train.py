@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common
+from metaflow_ws.commands import add_common, add_speed_options
 
 NAME = "train"
 HELP = "train a Euclidean, Normalized or Geometric flow on a zoo file"
@@ -34,12 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="σ of the prior N(0, σ²I) (default: the zoo's init scale; a synthetic task's [synthetic] prior_std)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    p.add_argument("--compile", action="store_true",
-                   help="run the vector field through torch.compile: ≈ 1 min to compile, then 1.3-2.4× faster "
-                        "steps on CPU (needs a C++ compiler); worth it for long runs and large graphs")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
-                   help="bf16: the vector field in mixed precision (≈ 1.4x faster compiled steps on CPUs with "
-                        "AMX / AVX512-BF16 and on GPUs; emulated and slower elsewhere)")
+    add_speed_options(p)
     add_common(p)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common
+from metaflow_ws.commands import add_common, add_speed_options
 
 NAME = "transfer"
 HELP = "transfer experiments: guidance to related tasks, learned initialization, other hidden widths"
@@ -30,8 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="coupling of the source flows' training (default ot-perm, as metaflow-ws train)")
     p.add_argument("--d-model", type=int, default=None, help="width of the source flows' vector field")
     p.add_argument("--layers", type=int, default=None, help="layers of the source flows' vector field")
-    p.add_argument("--compile", action="store_true",
-                   help="train the source flows with torch.compile (≈ 1 min to compile, then 1.3-2.4× faster on CPU)")
+    add_speed_options(p, "the source flows")
     p.add_argument("--no-mnist1d", action="store_true", help="skip the mnist1d -> shuffled mnist1d transfer")
     add_common(p)
 
@@ -52,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
                  if v is not None}
     if args.compile:
         overrides["compile"] = True
+    overrides["precision"] = args.precision
     if args.no_mnist1d:
         overrides["mnist1d"] = False
     cfg = TransferConfig.from_preset(preset, seed=args.seed, **overrides)

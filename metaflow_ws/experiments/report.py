@@ -69,6 +69,8 @@ class ReportConfig:
     batch_size: int = 32
     #: train the flows with ``torch.compile`` (speed only: flows trained either way are reused)
     compile: bool = False
+    #: precision of the field during flow training (``TrainConfig.precision``: ``"fp32"`` or ``"bf16"``)
+    precision: str = "fp32"
     samples: int = 100
     sample_steps: int = 64
     solver: str = "euler"
@@ -368,7 +370,7 @@ class _Report:
                           prior_std=default_prior_std(zoo), d_model=cfg.d_model,
                           num_layers=cfg.num_layers)
         tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, coupling=run.coupling, align=run.align,
-                           seed=cfg.seed, compile=cfg.compile)
+                           seed=cfg.seed, compile=cfg.compile, precision=cfg.precision)
         info: dict[str, Any] = {"label": run.label, "flow": run.flow, "coupling": run.coupling, "aligned": run.align,
                                 "steps": steps, "folder": _rel(folder, self.out)}
         if cfg.reuse and _matches(folder, fcfg, tcfg, zoo):

@@ -58,6 +58,8 @@ class TransferConfig:
     num_layers: int = 3
     #: train the source flows under ``torch.compile`` (``TrainConfig.compile``)
     compile: bool = False
+    #: precision of the field while training the source flows (``TrainConfig.precision``)
+    precision: str = "fp32"
     # (a) digits -> digits_permuted
     zoo_runs: int = 50
     zoo_epochs: int | None = None  # None: the task recipe's
@@ -249,7 +251,8 @@ def _train_source_flow(pair: _Pair, cfg: TransferConfig, out: Path | None, devic
     rec = pair.source.recipe
     fc = FlowConfig(flow=cfg.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=pair.source.name,
                     prior_std=rec.init_std, d_model=cfg.d_model, num_layers=cfg.num_layers)
-    tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling=cfg.coupling, align=True, compile=cfg.compile)
+    tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling=cfg.coupling, align=True, compile=cfg.compile,
+                     precision=cfg.precision)
     folder = out / "flows" / pair.key if out is not None else None
     res = train_flow(zoo, fc, tc, folder, device=device)
     log(f"  {cfg.flow} flow on {pair.source.name}: {pair.flow_steps} steps in {res.seconds:.0f}s "
