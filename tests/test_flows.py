@@ -85,6 +85,27 @@ def test_save_load_round_trip(trained, tmp_path, flow):
         g.check_spec(NetworkSpec((64, 10, 10)))
 
 
+def test_narrow_edge_features_round_trip(tmp_path):
+    """FlowConfig(d_edge=...) builds a field with narrower edge features, and save/load rebuilds the same one
+    (a config.json written before d_edge existed loads with d_edge = d_model)."""
+    cfg = FlowConfig(flow="geometric", widths=(5, 4, 3), d_model=16, d_edge=8, num_layers=2)
+    f = WeightFlow(cfg)
+    assert f.field.d_edge == 8
+    assert sum(p.numel() for p in f.parameters()) < sum(
+        p.numel() for p in WeightFlow(dataclasses.replace(cfg, d_edge=None)).parameters())
+    f.save_pretrained(tmp_path)
+    g = WeightFlow.from_pretrained(tmp_path)
+    assert g.config.d_edge == 8
+    x = f.sample_prior(3, generator=torch.Generator().manual_seed(1))
+    t = torch.full((3,), 0.3)
+    assert torch.equal(f.predict_x1(x, t), g.predict_x1(x, t))
+    old = json.loads((tmp_path / "config.json").read_text())
+    old["config"].pop("d_edge")
+    WeightFlow(dataclasses.replace(cfg, d_edge=None)).save_pretrained(tmp_path / "wide")
+    (tmp_path / "wide" / "config.json").write_text(json.dumps(old))
+    assert WeightFlow.from_pretrained(tmp_path / "wide").field.d_edge == 16
+
+
 def test_corrupt_flow_folder(trained, tmp_path):
     trained["euclidean"].flow.save_pretrained(tmp_path)
     (tmp_path / "flow.safetensors").write_bytes(b"\x00" * 20)
@@ -462,10 +483,12 @@ def test_cli_train_precision(tiny_bc_zoo, tmp_path, capsys):
     zoo = tmp_path / "zoo.safetensors"
     tiny_bc_zoo.save(zoo)
     assert main(["train", "--zoo", str(zoo), "--flow", "normalized", "--steps", "2", "--batch-size", "8",
-                 "--d-model", "8", "--layers", "1", "--no-align", "--coupling", "independent", "--precision", "bf16",
+                 "--d-model", "8", "--d-edge", "4", "--layers", "1", "--no-align", "--coupling", "independent",
+                 "--precision", "bf16",
                  "--out", str(tmp_path / "flow"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["precision"] == "bf16"
-    assert json.loads((tmp_path / "flow" / "config.json").read_text())["train"]["precision"] == "bf16"
+    saved = json.loads((tmp_path / "flow" / "config.json").read_text())
+    assert saved["train"]["precision"] == "bf16" and saved["config"]["d_edge"] == 4
     with pytest.raises(SystemExit):
         main(["train", "--zoo", str(zoo), "--flow", "normalized", "--precision", "fp8", "--out", str(tmp_path / "x")])

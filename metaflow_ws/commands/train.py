@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--d-edge", type=int, default=None,
+                   help="width of the edge features (default: --d-model; 32 at --d-model 64 is ≈ 1.4x faster)")
     p.add_argument("--prior-std", type=float, default=None,
                    help="σ of the prior N(0, σ²I) (default: the zoo's init scale; a synthetic task's [synthetic] prior_std)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     zoo = Zoo.load(args.zoo)
     prior = args.prior_std if args.prior_std is not None else default_prior_std(zoo)
     config = FlowConfig(flow=args.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
-                        prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads)
+                        prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads,
+                        d_edge=args.d_edge)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,
                         align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every,
                         compile=args.compile, precision=args.precision)
