@@ -6,7 +6,7 @@ normalized/geometric flows). The sampling row times 100 networks × 64 Euler ste
 (product-manifold velocity and exponential map, forward-only). Usage:
 
     python benchmarks/bench_vector_field.py [--batch 32] [--d-model 64] [--layers 5] [--heads 1]
-        [--d-edge D] [--backend blocks|scatter] [--steps 10] [--compile] [--bf16] [--tune-malloc] [--quick] [--json]
+        [--d-edge D] [--backend blocks|scatter] [--steps 10] [--compile] [--bf16] [--tune-malloc] [--quick] [--sampling-only] [--json]
 
 ``--bf16`` adds a row with the field under bfloat16 autocast (``metaflow-ws train --precision bf16``) next to
 every mode. ``--compile`` adds, next to every eager row, the same step with the field under ``torch.compile`` (as
@@ -135,28 +135,34 @@ def train_config(widths: tuple[int, ...], args: argparse.Namespace, checkpoint: 
                 compiled, precision, compile_s, 1 / dt, dt * 1e3, peak, over))
 
 
-def sampling_config(args: argparse.Namespace, out: mp.Queue) -> None:
-    """Runs in a subprocess: 100 networks × 64 Euler steps of a geometric flow on 30-16-16-2 (forward only)."""
+def sampling_config(args: argparse.Namespace, compiled: bool, precision: str, out: mp.Queue) -> None:
+    """Runs in a subprocess: 100 networks × 64 Euler steps of a geometric flow on 30-16-16-2 (forward only),
+    optionally with the field compiled and/or under bfloat16 autocast (``metaflow-ws sample --compile
+    --precision bf16``); the warm-up call (compilation) is timed separately."""
     _setup(args)
     device = torch.device(args.device)
     spec = NetworkSpec((30, 16, 16, 2))
     model = _build(spec, args, False, device).eval()
+    forward = torch.compile(model, dynamic=False) if compiled else model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     man = product_manifold_for(spec)
     n, steps = args.sample_n, args.sample_steps
     x = man.random_projected_normal((n, man.dim), 0.3, generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.inference_mode():
-        model(x, torch.zeros(n, device=device))  # warm-up
+    with torch.inference_mode(), amp:
+        t0 = time.perf_counter()
+        forward(x, torch.zeros(n, device=device))  # warm-up (compilation)
+        warmup = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(steps):
             t = torch.full((n,), i / steps, device=device)
-            x1_hat = man.project(model(x, t))
+            x1_hat = man.project(forward(x, t).float())
             x = man.exp(x, man.velocity(x, x1_hat, t) / steps)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        out.put({"networks": n, "euler_steps": steps, "seconds": time.perf_counter() - t0,
-                 "finite": bool(torch.isfinite(x).all())})
+        out.put({"networks": n, "euler_steps": steps, "seconds": time.perf_counter() - t0, "compiled": compiled,
+                 "precision": precision, "warmup_s": warmup, "finite": bool(torch.isfinite(x).all())})
 
 
 def _run(target, *a):  # noqa: ANN001 - helper for subprocess isolation
@@ -189,6 +195,7 @@ def main() -> None:
     ap.add_argument("--graphs", nargs="+", default=None, metavar="W-W-...",
                     help="graphs to time instead of the default set, e.g. 30-16-16-2 40-100-100-10")
     ap.add_argument("--quick", action="store_true", help="skip the 784-10-10 runs and the sampling row")
+    ap.add_argument("--sampling-only", action="store_true", help="time only the sampling rows")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -198,12 +205,16 @@ def main() -> None:
     if args.graphs:
         configs = [(tuple(int(w) for w in g.split("-")), "auto") for g in args.graphs]
     rows = []
+    if args.sampling_only:
+        configs, args.quick = [], False
     precisions = ["fp32", "bf16"] if args.bf16 else ["fp32"]
     for w, ck in configs:
         for compiled in [False, True] if args.compile and ck == "auto" else [False]:
             for prec in precisions:
                 rows.append(_run(train_config, w, args, ck, compiled, prec))
-    sampling = None if args.quick else _run(sampling_config, args)
+    sampling = [] if args.quick else [
+        _run(sampling_config, args, compiled, prec)
+        for compiled in ([False, True] if args.compile else [False]) for prec in precisions]
 
     if args.json:
         print(json.dumps({"args": vars(args), "train": [asdict(r) for r in rows], "sampling": sampling}, indent=2))
@@ -224,9 +235,10 @@ def main() -> None:
               f"{mode:>13} {r.steps_per_s:>8.2f} {r.ms_per_step:>8.1f} {ratio:>8} "
               f"{r.peak_mem_mb:>16.0f} {r.mem_over_baseline_mb:>10.0f}" + (f"  (compile {r.compile_s:.0f} s)" if r.compiled else ""))
     print(f"(thesis flow at d=64: ~{THESIS_PARAMS // 1000}K parameters)")
-    if sampling is not None:
-        print(f"sampling: {sampling['networks']} networks x {sampling['euler_steps']} geometric Euler steps on "
-              f"30-16-16-2: {sampling['seconds']:.2f} s (finite: {sampling['finite']})")
+    for smp in sampling:
+        mode = ("compiled" if smp["compiled"] else "eager") + ("+bf16" if smp["precision"] == "bf16" else "")
+        print(f"sampling ({mode}): {smp['networks']} networks x {smp['euler_steps']} geometric Euler steps on "
+              f"30-16-16-2: {smp['seconds']:.2f} s (warm-up {smp['warmup_s']:.1f} s; finite: {smp['finite']})")
 
 
 if __name__ == "__main__":

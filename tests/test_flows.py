@@ -234,11 +234,13 @@ def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["n"] == 5 and 0 <= ev["accuracy_mean"] <= 1
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--steps", "2", "--guidance", "0.5",
-                 "--guidance-normalize", "--task", "breast_cancer", "--out", str(tmp_path / "g.safetensors")]) == 0
+                 "--guidance-normalize", "--task", "breast_cancer", "--precision", "bf16",
+                 "--out", str(tmp_path / "g.safetensors")]) == 0
     from metaflow_ws.io import Zoo
 
-    sampler = Zoo.load(tmp_path / "g.safetensors").info["sampler"]
-    assert sampler["guidance"] == 0.5 and sampler["guidance_normalize"] is True
+    info = Zoo.load(tmp_path / "g.safetensors").info
+    assert info["sampler"]["guidance"] == 0.5 and info["sampler"]["guidance_normalize"] is True
+    assert info["precision"] == "bf16" and info["compiled"] is False
     # a flow used on a task of another architecture is a clear error
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--guidance", "0.1", "--task", "digits",
                  "--out", str(tmp_path / "x.safetensors")]) == 2
@@ -441,6 +443,16 @@ def test_cli_train_compile(tiny_bc_zoo, tmp_path, capsys):
     saved = json.loads((tmp_path / "flow" / "config.json").read_text())
     assert saved["train"]["compile"] is True
     WeightFlow.from_pretrained(tmp_path / "flow")  # the saved flow is the eager field's state
+    # compiled sampling draws the same networks as eager sampling
+    from metaflow_ws.io import Zoo
+
+    for flag in ([], ["--compile"]):
+        assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "4", "--steps", "3", *flag,
+                     "--out", str(tmp_path / f"s{len(flag)}.safetensors")]) == 0
+    eager, compiled = (Zoo.load(tmp_path / f"s{i}.safetensors") for i in (0, 1))
+    assert compiled.info["compiled"] is True
+    for k, v in eager.params.items():
+        torch.testing.assert_close(compiled.params[k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast_field_close_to_fp32_and_training_stays_fp32(tiny_bc_zoo):

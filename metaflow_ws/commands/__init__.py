@@ -17,13 +17,13 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, device: bo
         p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
-def add_speed_options(p: argparse.ArgumentParser, what: str = "the vector field") -> None:
-    """``--compile`` and ``--precision``: how flow training runs (not what it computes)."""
+def add_speed_options(p: argparse.ArgumentParser, what: str = "train the vector field") -> None:
+    """``--compile`` and ``--precision``: how the flow's vector field runs (not what it computes)."""
     p.add_argument("--compile", action="store_true",
-                   help=f"train {what} through torch.compile: ≈ 1 min to compile, then 1.3-2.4× faster steps on CPU "
-                        "(needs a C++ compiler); worth it for long runs and large graphs")
+                   help=f"{what} through torch.compile: ≈ 1 min to compile (cached across runs), then 1.3-2.4× faster "
+                        "steps on CPU (needs a C++ compiler); worth it for long runs and large graphs")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help=f"bf16: train {what} in mixed precision (≈ 1.4× faster compiled steps on CPUs with AMX / "
+                   help=f"bf16: {what} in mixed precision (≈ 1.4× faster compiled steps on CPUs with AMX / "
                         "AVX512-BF16 and on GPUs; emulated and slower elsewhere)")
 
 

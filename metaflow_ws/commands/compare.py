@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--samples", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=64)
     p.add_argument("--solver", choices=["euler", "heun"], default="euler")
-    add_speed_options(p, "the flows")
+    add_speed_options(p, "train the flows")
     add_common(p)
 
 

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=None, help="integration steps (default 64; --quick: 16)")
     p.add_argument("--lik-networks", type=int, default=None, help="networks per population for the likelihood AUROC")
     p.add_argument("--lik-estimator", choices=["exact", "hutchinson"], default=None)
-    add_speed_options(p, "the flows")
+    add_speed_options(p, "train the flows")
     add_common(p)
 
 

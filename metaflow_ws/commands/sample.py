@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common
+from metaflow_ws.commands import add_common, add_speed_options
 
 NAME = "sample"
 HELP = "sample N networks from a trained flow (Euler/Heun, stochastic, guided)"
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="task whose training loss guides sampling")
     p.add_argument("--guidance-batch", type=int, default=256, help="training points used for guidance")
     p.add_argument("--out", required=True, help="output zoo-format .safetensors file")
+    add_speed_options(p, "run the vector field")
     add_common(p)
 
 
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         idx = torch.randperm(d.x_train.shape[0], generator=g)[: args.guidance_batch].to(device)
         gdata = (d.x_train[idx], d.y_train[idx], task.kind)
     t0 = time.perf_counter()
-    x = sample(flow, args.num, cfg, generator=torch.Generator().manual_seed(args.seed), guidance_data=gdata)
+    with flow.compiled(args.compile), flow.autocast(args.precision):
+        x = sample(flow, args.num, cfg, generator=torch.Generator().manual_seed(args.seed), guidance_data=gdata)
     params = flow.decode(x)
     if not all(torch.isfinite(v).all() for v in params.values()):
         raise FloatingPointError("sampling produced NaN/inf weights; try more --steps or a smaller --guidance")
@@ -66,10 +68,11 @@ def run(args: argparse.Namespace) -> int:
                                 "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
                                             "noise_window": list(cfg.noise_window), "guidance": cfg.guidance,
                                             "guidance_normalize": cfg.guidance_normalize},
-                                "seed": args.seed, "seconds": seconds})
+                                "seed": args.seed, "seconds": seconds, "compiled": args.compile,
+                                "precision": args.precision})
     zoo.save(args.out)
     res = {"out": str(args.out), "n": args.num, "flow": flow.config.flow, "steps": cfg.steps, "solver": cfg.solver,
-           "seconds": round(seconds, 3)}
+           "seconds": round(seconds, 3), "compiled": args.compile, "precision": args.precision}
     if args.json:
         print_json(res)
     else:

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="coupling of the source flows' training (default ot-perm, as metaflow-ws train)")
     p.add_argument("--d-model", type=int, default=None, help="width of the source flows' vector field")
     p.add_argument("--layers", type=int, default=None, help="layers of the source flows' vector field")
-    add_speed_options(p, "the source flows")
+    add_speed_options(p, "train the source flows")
     p.add_argument("--no-mnist1d", action="store_true", help="skip the mnist1d -> shuffled mnist1d transfer")
     add_common(p)
 
