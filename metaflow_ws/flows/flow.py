@@ -49,6 +49,7 @@ def default_prior_std(zoo: Zoo) -> float:
         return float(synthetic.prior_std)
     return float(zoo.recipe.get("init_std", 0.1))
 
+
 #: training precisions of the vector field (``TrainConfig.precision``, ``--precision``)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
