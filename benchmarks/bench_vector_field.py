@@ -165,6 +165,10 @@ def sampling_config(args: argparse.Namespace, compiled: bool, precision: str, ou
                  "precision": precision, "warmup_s": warmup, "finite": bool(torch.isfinite(x).all())})
 
 
+def _mode(compiled: bool, precision: str) -> str:
+    return ("compiled" if compiled else "eager") + ("+bf16" if precision == "bf16" else "")
+
+
 def _run(target, *a):  # noqa: ANN001 - helper for subprocess isolation
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -230,14 +234,12 @@ def main() -> None:
     for r in rows:
         fast = r.compiled or r.precision != "fp32"
         ratio = f"{r.steps_per_s / eager[r.widths]:.2f}x" if fast and r.widths in eager else ""
-        mode = ("compiled" if r.compiled else "eager") + ("+bf16" if r.precision == "bf16" else "")
         print(f"{r.widths:>14} {r.nodes:>6} {r.edges:>6} {r.params:>8} {r.checkpoint:>10} "
-              f"{mode:>13} {r.steps_per_s:>8.2f} {r.ms_per_step:>8.1f} {ratio:>8} "
+              f"{_mode(r.compiled, r.precision):>13} {r.steps_per_s:>8.2f} {r.ms_per_step:>8.1f} {ratio:>8} "
               f"{r.peak_mem_mb:>16.0f} {r.mem_over_baseline_mb:>10.0f}" + (f"  (compile {r.compile_s:.0f} s)" if r.compiled else ""))
     print(f"(thesis flow at d=64: ~{THESIS_PARAMS // 1000}K parameters)")
     for smp in sampling:
-        mode = ("compiled" if smp["compiled"] else "eager") + ("+bf16" if smp["precision"] == "bf16" else "")
-        print(f"sampling ({mode}): {smp['networks']} networks x {smp['euler_steps']} geometric Euler steps on "
+        print(f"sampling ({_mode(smp['compiled'], smp['precision'])}): {smp['networks']} networks x {smp['euler_steps']} geometric Euler steps on "
               f"30-16-16-2: {smp['seconds']:.2f} s (warm-up {smp['warmup_s']:.1f} s; finite: {smp['finite']})")
 
 

@@ -481,6 +481,14 @@ def test_bf16_autocast_field_close_to_fp32_and_training_stays_fp32(tiny_bc_zoo):
 
 
 def test_unknown_precision_is_a_clear_error():
+    import argparse
+
+    from metaflow_ws.commands import add_speed_options
+    from metaflow_ws.flows import PRECISIONS
+
+    p = argparse.ArgumentParser()
+    add_speed_options(p)
+    assert next(a for a in p._actions if a.dest == "precision").choices == list(PRECISIONS)  # CLI ↔ library
     with pytest.raises(ValueError, match="unknown precision 'fp16'.*'bf16'"):
         TrainConfig(precision="fp16")
     flow = WeightFlow(FlowConfig(flow="euclidean", widths=(3, 4, 2), d_model=8, num_layers=1))

@@ -57,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     t0 = time.perf_counter()
-    rows = compare_flows(zoo, runs=runs, train=TrainConfig(steps=args.steps, lr=args.lr, compile=args.compile,
-                                                                 precision=args.precision),
-                         d_model=args.d_model,
+    train = TrainConfig(steps=args.steps, lr=args.lr, compile=args.compile, precision=args.precision)
+    rows = compare_flows(zoo, runs=runs, train=train, d_model=args.d_model,
                          num_layers=args.layers, samples=args.samples,
                          sampler=SampleConfig(steps=args.sample_steps, solver=args.solver), seed=args.seed,
                          out_dir=out / "flows", device=device, log=lambda s: print(s, file=sys.stderr, flush=True))

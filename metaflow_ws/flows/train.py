@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metaflow_ws.flows.couplings import make_coupling
-from metaflow_ws.flows.flow import FlowConfig, WeightFlow
+from metaflow_ws.flows.flow import PRECISIONS, FlowConfig, WeightFlow
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.io.zoo import Zoo
 
@@ -57,8 +57,6 @@ class TrainConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        from metaflow_ws.flows.flow import PRECISIONS
-
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {list(PRECISIONS)}")
         for k in ("steps", "batch_size", "checkpoint_every", "query_steps", "query_points"):
