@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "lik_estimator": args.lik_estimator, "coupling": args.coupling,
     }.items() if v is not None}
     overrides |= {"seed": args.seed, "reuse": args.reuse, "device": args.device}
-    if args.compile:
-        overrides["compile"] = True
-    overrides["precision"] = args.precision
+    overrides |= {"compile": args.compile, "precision": args.precision}
     if args.no_ablation:
         overrides["ablation"] = False
     if args.quick:

@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
                                    "coupling": args.coupling, "d_model": args.d_model,
                                    "num_layers": args.layers}.items()
                  if v is not None}
-    if args.compile:
-        overrides["compile"] = True
-    overrides["precision"] = args.precision
+    overrides |= {"compile": args.compile, "precision": args.precision}
     if args.no_mnist1d:
         overrides["mnist1d"] = False
     cfg = TransferConfig.from_preset(preset, seed=args.seed, **overrides)

@@ -254,8 +254,8 @@ def train_flow(
     # fused AdamW: one kernel for all parameters (CPU and CUDA; ≈ 6× faster than the per-tensor loop at 600K params)
     opt = torch.optim.AdamW(flow.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                             fused=device.type in ("cpu", "cuda"))
-    ema = {k: v.detach().clone() for k, v in flow.state_dict().items()}
     live = flow.state_dict()  # tensors sharing the model's storage: the EMA reads them in place
+    ema = {k: v.detach().clone() for k, v in live.items()}
     ema_float = [k for k, v in live.items() if v.is_floating_point()]
     ema_other = [k for k, v in live.items() if not v.is_floating_point()]
     gen = torch.Generator().manual_seed(train.seed + 1)
