@@ -161,10 +161,12 @@ def test_flow_method_runs_the_fewshot_protocol(tmp_path):
 
     assert "flow" in method_names()
     fam = get_family("sinusoid")
-    settings = FlowMethodConfig(tasks=12, net_epochs=2, flow_steps=3, d_model=8, num_layers=1, sample_steps=2)
+    settings = FlowMethodConfig(tasks=12, net_epochs=2, flow_steps=3, d_model=8, num_layers=1, sample_steps=2,
+                                zoo_init_iterations=4)
     m = FlowMethod(fam, settings=settings)
     info = m.meta_train(fam, iterations=100, generator=stream_generator(0, "train"))
     assert info["flow_steps"] == 3 and info["zoo_networks"] == 12 * 2  # 2 epochs → both kept
+    assert info["zoo_init"] == "maml" and info["zoo_init_iterations"] == 4
     ep = fam.test_set([5], n_tasks=4)[5]
     cand = m.propose(ep.support_x, ep.support_y, 3, torch.Generator().manual_seed(0))
     assert cand["layers.0.weight"].shape == (4, 3, 40, 1)
@@ -179,6 +181,115 @@ def test_flow_method_runs_the_fewshot_protocol(tmp_path):
                        m.propose(ep.support_x, ep.support_y, 2, g())["layers.1.weight"])
 
 
+def test_flow_method_zoo_starts_from_a_meta_learned_init():
+    """``zoo_init="maml"``: the zoo's shared init (and the flow's anchor) is what a MAML run of
+    ``zoo_init_iterations`` on the same meta-training stream learns; ``"random"`` is the seed's Kaiming init."""
+    from metaflow_ws.fewshot.baselines import MetaConfig, get_method
+    from metaflow_ws.fewshot.conditional import ZOO_INITS, FlowMethod, FlowMethodConfig
+    from metaflow_ws.fewshot.episodes import get_family, stream_generator
+
+    fam = get_family("sinusoid")
+    meta = MetaConfig(meta_batch=4)
+    m = FlowMethod(fam, meta, settings=FlowMethodConfig(zoo_init_iterations=6))
+    init, info = m.shared_initialization(stream_generator(0, "train"))
+    ref = get_method("maml", fam, MetaConfig(meta_batch=4, iterations=6), seed=0)
+    ref.meta_train(fam, generator=stream_generator(0, "train"))
+    for n, v in init.items():
+        assert v.shape == (1, *ref.params[f"theta.{n}"].shape)
+        assert torch.equal(v[0], ref.params[f"theta.{n}"])
+    assert info["zoo_init"] == "maml" and info["zoo_init_seconds"] >= 0
+    untrained = fam.spec.init(1, scheme="kaiming_uniform", generator=stream_generator(0, "init"))
+    assert not torch.equal(init["layers.0.weight"], untrained["layers.0.weight"])  # 6 Adam steps moved it
+    rnd, info = FlowMethod(fam, meta, settings=FlowMethodConfig(zoo_init="random")).shared_initialization(
+        stream_generator(0, "train"))
+    assert info == {"zoo_init": "random"} and torch.equal(rnd["layers.0.weight"], untrained["layers.0.weight"])
+    with pytest.raises(ValueError, match="zoo_init must be one of random, maml"):
+        FlowMethodConfig(zoo_init="mamll")
+    assert "reptile" in ZOO_INITS
+
+
+def test_flow_method_zoo_is_trained_with_the_fine_tuning_sgd():
+    """Default zoo recipe: plain SGD at the fine-tuning rate (``MetaConfig.inner_lr``) on minibatches of
+    ``net_batch`` points — one epoch over 5 points is exactly one protocol adaptation step."""
+    from metaflow_ws.fewshot.baselines import MetaConfig
+    from metaflow_ws.fewshot.conditional import FlowMethod, FlowMethodConfig
+    from metaflow_ws.fewshot.episodes import get_family, stream_generator
+    from metaflow_ws.fewshot.protocol import sgd_adapt
+
+    fam = get_family("sinusoid")
+    settings = FlowMethodConfig(tasks=3, task_points=5, net_epochs=1, net_batch=5, keep=1, zoo_init="random")
+    m = FlowMethod(fam, MetaConfig(inner_lr=0.05), settings=settings)
+    zoo, support, _ = m.family_zoo(stream_generator(0, "train"))
+    init = {n: v.expand(3, *v.shape[1:]) for n, v in m.shared_init.items()}
+    ref = sgd_adapt(fam.spec, "regression", init, support.x, support.y, steps=1, lr=0.05)
+    torch.testing.assert_close(zoo.flat(), fam.spec.flatten(ref), rtol=1e-5, atol=1e-6)
+    for bad, msg in (({"net_optimizer": "rmsprop"}, "net_optimizer must be 'sgd' or 'adam'"),
+                     ({"net_lr": -1.0}, "net_lr must be ≥ 0"), ({"net_batch": 0}, "net_batch must be ≥ 1")):
+        with pytest.raises(ValueError, match=msg):
+            FlowMethodConfig(**bad)
+
+
+def test_residual_flow_method_models_the_change_from_the_init():
+    """``residual=True``: the flow is trained on ``w − init`` with the anchor at the residuals' per-block scale,
+    proposals add the init back, and the init travels with the saved state."""
+    from metaflow_ws.flows.flow import _blocks
+    from metaflow_ws.fewshot.conditional import INIT_PREFIX, FlowMethod, FlowMethodConfig
+    from metaflow_ws.fewshot.episodes import get_family, stream_generator
+
+    fam = get_family("sinusoid")
+    settings = FlowMethodConfig(tasks=6, net_epochs=2, zoo_init="random", flow_steps=2, d_model=8, num_layers=1)
+    m = FlowMethod(fam, settings=settings)
+    zoo, _, _ = m.family_zoo(stream_generator(0, "train"))
+    delta, anchor = m._residual_zoo(zoo)
+    init = fam.spec.flatten(m.shared_init)
+    torch.testing.assert_close(delta.flat() + init, zoo.flat())
+    r = m.flow.encode(delta.params)
+    for lo, hi in _blocks(fam.spec, anchor.numel()):  # anchor / residual RMS has unit RMS in every block
+        ratio = anchor[lo:hi].pow(2).mean().sqrt() / r[:, lo:hi].pow(2).mean().sqrt()
+        torch.testing.assert_close(ratio, torch.tensor(1.0))
+    m.meta_train(fam, generator=stream_generator(0, "train"))
+    state = m.state_dict()
+    assert torch.equal(state[f"{INIT_PREFIX}layers.0.weight"], m.shared_init["layers.0.weight"])
+    ep = fam.test_set([5], n_tasks=3)[5]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    fresh = FlowMethod(fam, settings=settings)
+    with pytest.raises(RuntimeError, match="meta-train the method or load a saved state"):
+        fresh.propose(ep.support_x, ep.support_y, 1, g())
+    fresh.load_state_dict(state)
+    got = fresh.propose(ep.support_x, ep.support_y, 2, g())
+    assert torch.equal(got["layers.2.bias"], m.propose(ep.support_x, ep.support_y, 2, g())["layers.2.bias"])
+    # the proposal is the init plus the flow's sample, decoded
+    from metaflow_ws.flows.sampling import SampleConfig, sample
+
+    flow = m.flow.eval()
+    cond = flow.embed(ep.support_x, ep.support_y).repeat_interleave(2, 0)
+    gen = g()
+    x = sample(flow, 6, SampleConfig(steps=settings.sample_steps), cond=cond, x0=flow.sample_prior(6, generator=gen))
+    want = flow.decode(x)["layers.0.weight"] + m.shared_init["layers.0.weight"]
+    torch.testing.assert_close(got["layers.0.weight"].reshape(6, 40, 1), want)
+    with pytest.raises(ValueError, match="lacks the shared initialisation"):
+        FlowMethod(fam, settings=settings).load_state_dict({k: v for k, v in state.items()
+                                                            if not k.startswith(INIT_PREFIX)})
+    with pytest.raises(ValueError, match="residual=true needs anchor=true"):
+        FlowMethodConfig(anchor=False)
+    # the query-set loss evaluates init + sample: an offset of zero changes nothing, the init changes the loss
+    from metaflow_ws.flows.train import query_loss
+
+    qx, qy = ep.query_x[:, :7], ep.query_y[:, :7]
+    emb = flow.embed(ep.support_x, ep.support_y)
+    q = lambda off: query_loss(flow, emb, qx, qy, "regression", steps=2,  # noqa: E731
+                               generator=torch.Generator().manual_seed(3), offset=off)
+    zero = {n: torch.zeros_like(v) for n, v in m.shared_init.items()}
+    torch.testing.assert_close(q(zero), q(None))
+    x = flow.sample_prior(3, generator=torch.Generator().manual_seed(3))
+    for i in range(2):
+        x = x + flow.velocity(x, torch.full((3,), i / 2), emb) / 2
+    nets = {n: v + m.shared_init[n] for n, v in flow.decode(x).items()}
+    want = torch.stack([(fam.spec.forward({n: v[j] for n, v in nets.items()}, qx[j]) - qy[j]).pow(2).mean()
+                        for j in range(3)]).mean()
+    torch.testing.assert_close(q(m.shared_init), want, rtol=1e-4, atol=1e-5)
+
+
 def test_fewshot_cli_sets_flow_options(capsys, tmp_path):
     """``--method-option flow.KEY=VALUE`` reaches the flow's settings, is recorded, and guards ``--reuse``."""
     import json
@@ -186,8 +297,8 @@ def test_fewshot_cli_sets_flow_options(capsys, tmp_path):
     from metaflow_ws.cli import main
 
     out = tmp_path / "fs"
-    opts = ["flow.tasks=6", "flow.net_epochs=2", "flow.d_model=8", "flow.num_layers=1", "flow.query_weight=0.5",
-            "flow.query_steps=2", "flow.flow_steps=2"]
+    opts = ["flow.tasks=6", "flow.net_epochs=2", "flow.zoo_init=random", "flow.d_model=8", "flow.num_layers=1",
+            "flow.query_weight=0.5", "flow.query_steps=2", "flow.flow_steps=2"]
     argv = ["fewshot", "--family", "sinusoid", "--shots", "5", "--methods", "flow", "--tasks", "3",
             "--iterations", "2", "--plot-tasks", "0", "--out", str(out), "--device", "cpu"]
     for o in opts:

@@ -455,10 +455,11 @@ def test_method_options_are_typed_from_the_settings_defaults():
     from metaflow_ws.fewshot.baselines import method_settings, parse_method_options
     from metaflow_ws.fewshot.conditional import FlowMethodConfig
 
-    opts = parse_method_options(["flow.query_weight=0.5", "flow.anchor=false", "flow.support_sizes=3,7",
-                                 "flow.flow_steps=10", "flow.coupling=ot"])
+    opts = parse_method_options(["flow.query_weight=0.5", "flow.anchor=false", "flow.residual=false",
+                                 "flow.support_sizes=3,7", "flow.flow_steps=10", "flow.coupling=ot"])
     s = method_settings("flow", opts["flow"])
-    assert s == FlowMethodConfig(query_weight=0.5, anchor=False, support_sizes=(3, 7), flow_steps=10, coupling="ot")
+    assert s == FlowMethodConfig(query_weight=0.5, anchor=False, residual=False, support_sizes=(3, 7), flow_steps=10,
+                                 coupling="ot")
     assert isinstance(s.flow_steps, int) and isinstance(s.query_weight, float)
     with pytest.raises(ValueError, match="expected true/false"):
         method_settings("flow", {"anchor": "maybe"})

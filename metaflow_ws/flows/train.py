@@ -149,11 +149,13 @@ def flow_matching_loss(flow: WeightFlow, x0: Tensor, x1: Tensor, t: Tensor, *, s
 
 
 def query_loss(flow: WeightFlow, cond: Tensor, qx: Tensor, qy: Tensor, kind: str, *, steps: int,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, offset: dict[str, Tensor] | None = None) -> Tensor:
     """Mean task loss on query sets of the networks a differentiable ``steps``-step Euler sampler produces.
 
     ``cond: [B, cond_dim]``; ``qx: [B, Q, x_dim]``, ``qy: [B, Q, y_dim]``. Gradients flow through the whole
     trajectory into the vector field and the task encoder; the B networks are evaluated with one vmap.
+    ``offset`` (one network ``{name: [1, ...]}``) is added to every decoded sample: a flow over the change from
+    a shared initialisation produces the networks ``offset + decode(x)``.
     """
     from torch.func import vmap
 
@@ -167,7 +169,10 @@ def query_loss(flow: WeightFlow, cond: Tensor, qx: Tensor, qy: Tensor, kind: str
         x = man.exp(x, flow.velocity(x, t, cond) / steps)
     x = flow.data_manifold.project(x)
     spec = flow.spec
-    losses = vmap(lambda p, xq, yq: prediction_loss(spec.forward(p, xq), yq, kind))(flow.decode(x), qx, qy)
+    params = flow.decode(x)
+    if offset is not None:
+        params = {n: v + offset[n].to(v) for n, v in params.items()}
+    losses = vmap(lambda p, xq, yq: prediction_loss(spec.forward(p, xq), yq, kind))(params, qx, qy)
     return losses.mean()
 
 
@@ -189,6 +194,7 @@ def train_flow(
     progress: Callable[[int, int, float, float], None] | None = None,
     support: SupportSets | None = None,
     anchor: dict[str, Tensor] | Tensor | None = None,
+    query_offset: dict[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train a flow of ``config`` on the networks of ``zoo``; returns the flow with EMA weights.
 
@@ -205,6 +211,8 @@ def train_flow(
     Anchored flows (``config.anchor``) see ``anchor`` (one network, e.g. the shared initialization of a family
     zoo; with ``train.align`` it must be None and defaults to the alignment reference, the zoo's network 0) next
     to x_t; permutation couplings would move the data out of the anchor's basin, so they are refused.
+    ``query_offset`` (one network) is added to the samples the query-set loss evaluates (a zoo of changes from a
+    shared initialisation: the offset is that initialisation).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if zoo.spec != config.spec:
@@ -288,7 +296,7 @@ def train_flow(
             if train.query_weight > 0:
                 assert support is not None and cond is not None
                 qx, qy = support.draw(idx, train.query_points, gen)
-                loss = loss + train.query_weight * query_loss(flow, cond, qx, qy, support.kind,
+                loss = loss + train.query_weight * query_loss(flow, cond, qx, qy, support.kind, offset=query_offset,
                                                               steps=train.query_steps, generator=gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"flow training diverged at step {step + 1} (loss={float(loss.detach())}); "
