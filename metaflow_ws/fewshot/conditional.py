@@ -161,9 +161,7 @@ class FlowMethod(Method):
         learner = get_method(s.zoo_init, self.family, dataclasses.replace(self.meta, iterations=s.zoo_init_iterations),
                              device=self.device, seed=self.seed)
         res = learner.meta_train(self.family, generator=generator)
-        one = torch.zeros(1, 1, self.spec.in_features, device=self.device)
-        theta = learner.propose(one, torch.zeros(1, 1, self.spec.out_features, device=self.device), 1, generator)
-        init = {n: v[0].detach().cpu() for n, v in theta.items()}  # (1, ...) per parameter
+        init = {n: v.detach().cpu().unsqueeze(0) for n, v in learner.theta(learner.params).items()}  # (1, ...)
         return init, {"zoo_init": s.zoo_init, "zoo_init_iterations": s.zoo_init_iterations,
                       "zoo_init_seconds": res["seconds"], "zoo_init_meta_loss": res["final_meta_loss"]}
 
@@ -226,10 +224,12 @@ class FlowMethod(Method):
                 log(f"flow: step {step}/{total} loss {loss:.4f} ({sps:.1f} steps/s)")
 
         anchor: Params | Tensor | None = self.shared_init if s.anchor else None
-        if s.residual:
+        offset = None
+        if s.residual:  # the query loss (if any) scores init + sample; the init moves to the device once
             zoo, anchor = self._residual_zoo(zoo)
+            offset = {n: v.to(self.device) for n, v in self.shared_init.items()}
         res = train_flow(zoo, self.flow_config, train, support=support, device=self.device, progress=progress,
-                         anchor=anchor, query_offset=self.shared_init if s.residual else None)
+                         anchor=anchor, query_offset=offset)
         self.flow = res.flow
         return {"seconds": time.perf_counter() - t0, "flow_seconds": res.seconds, "flow_steps": steps,
                 "final_flow_loss": res.final_loss, **info}
@@ -237,18 +237,14 @@ class FlowMethod(Method):
     def _residual_zoo(self, zoo: Zoo) -> tuple[Zoo, Tensor]:
         """``w − init`` for every network, and anchor coordinates that reach the field at unit RMS per block
         (the flow divides its inputs by the residuals' per-block RMS)."""
-        from metaflow_ws.flows.flow import _blocks
+        from metaflow_ws.flows.flow import block_rms
 
         init = self.spec.flatten(self.shared_init)  # (1, D)
         delta = Zoo.from_flat(zoo.task, self.spec, zoo.flat() - init, run_id=zoo.run_id, step=zoo.step,
                               metrics=zoo.metrics)
-        a = self.flow.encode(self.shared_init).reshape(-1)
-        r = self.flow.encode(delta.params)
-        anchor = a.clone()
-        for lo, hi in _blocks(self.spec, a.numel()):
-            rms_r, rms_a = r[:, lo:hi].pow(2).mean().sqrt(), a[lo:hi].pow(2).mean().sqrt()
-            anchor[lo:hi] = a[lo:hi] * (rms_r / rms_a.clamp_min(1e-12))
-        return delta, anchor
+        a = self.flow.encode(self.shared_init)  # (1, dim)
+        anchor = a * block_rms(self.spec, self.flow.encode(delta.params)) / block_rms(self.spec, a)
+        return delta, anchor.reshape(-1)
 
     # ---------------------------------------------------------------------------------------- protocol
     @torch.no_grad()

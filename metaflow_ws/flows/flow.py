@@ -225,10 +225,7 @@ class WeightFlow(nn.Module):
 
     def set_scale_from(self, x1: Tensor, eps: float = 1e-6) -> None:
         """Per-parameter-block RMS of training coordinates ``x1: [N, dim]`` (one scalar per block)."""
-        scale = torch.empty(self.dim, dtype=x1.dtype, device=x1.device)
-        for start, stop in _blocks(self.spec, self.dim):
-            scale[start:stop] = x1[:, start:stop].pow(2).mean().sqrt().clamp_min(eps)
-        self.scale.copy_(scale.to(self.scale))
+        self.scale.copy_(block_rms(self.spec, x1, eps).to(self.scale))
         self._set_prior_rms()
 
     @torch.no_grad()
@@ -237,10 +234,7 @@ class WeightFlow(nn.Module):
         if not self.config.precondition:
             return
         x0 = self.sample_prior(n, generator=torch.Generator().manual_seed(0)) / self.scale
-        rms = torch.empty_like(self.prior_rms)
-        for start, stop in _blocks(self.spec, self.dim):
-            rms[start:stop] = x0[:, start:stop].pow(2).mean().sqrt().clamp_min(1e-6)
-        self.prior_rms.copy_(rms)
+        self.prior_rms.copy_(block_rms(self.spec, x0))
 
     def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(c_skip, c_out)``, each ``[B, dim]``, of ``x̂1/scale = c_skip·x_t/scale + c_out·F``.
@@ -410,3 +404,12 @@ def _blocks(spec: NetworkSpec, dim: int) -> list[tuple[int, int]]:
     if dim > spec.num_params:
         blocks.append((spec.num_params, dim))
     return blocks
+
+
+def block_rms(spec: NetworkSpec, x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``[dim]``: the RMS of each parameter block of flow coordinates ``x: [N, dim]`` over all N rows and the
+    block's entries (at least ``eps``), repeated over the block's coordinates."""
+    rms = torch.empty(x.shape[-1], dtype=x.dtype, device=x.device)
+    for start, stop in _blocks(spec, x.shape[-1]):
+        rms[start:stop] = x[:, start:stop].pow(2).mean().sqrt().clamp_min(eps)
+    return rms
