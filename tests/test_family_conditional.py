@@ -181,11 +181,11 @@ def test_flow_method_runs_the_fewshot_protocol(tmp_path):
                        m.propose(ep.support_x, ep.support_y, 2, g())["layers.1.weight"])
 
 
-def test_flow_method_zoo_starts_from_a_meta_learned_init():
+def test_flow_method_zoo_starts_from_a_meta_learned_init(monkeypatch):
     """``zoo_init="maml"``: the zoo's shared init (and the flow's anchor) is what a MAML run of
     ``zoo_init_iterations`` on the same meta-training stream learns; ``"random"`` is the seed's Kaiming init."""
-    from metaflow_ws.fewshot.baselines import MetaConfig, get_method
-    from metaflow_ws.fewshot.conditional import ZOO_INITS, FlowMethod, FlowMethodConfig
+    from metaflow_ws.fewshot.baselines import MAML, METHODS, MetaConfig, get_method
+    from metaflow_ws.fewshot.conditional import FlowMethod, FlowMethodConfig, zoo_inits
     from metaflow_ws.fewshot.episodes import get_family, stream_generator
 
     fam = get_family("sinusoid")
@@ -205,7 +205,13 @@ def test_flow_method_zoo_starts_from_a_meta_learned_init():
     assert info == {"zoo_init": "random"} and torch.equal(rnd["layers.0.weight"], untrained["layers.0.weight"])
     with pytest.raises(ValueError, match="zoo_init must be one of random, maml"):
         FlowMethodConfig(zoo_init="mamll")
-    assert "reptile" in ZOO_INITS
+    assert zoo_inits() == ("random", "maml", "fomaml", "anil", "metasgd", "reptile", "pretrain")  # not scratch
+
+    class MyMAML(MAML):  # a learner registered later is a valid zoo init too
+        pass
+
+    monkeypatch.setitem(METHODS, "mymaml", MyMAML)
+    assert zoo_inits()[-1] == "mymaml" and FlowMethodConfig(zoo_init="mymaml").zoo_init == "mymaml"
 
 
 def test_flow_method_zoo_is_trained_with_the_fine_tuning_sgd():

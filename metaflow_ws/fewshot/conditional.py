@@ -56,10 +56,17 @@ from metaflow_ws.flows.train import SupportSets, TrainConfig, train_flow
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.nets.spec import Params
 
-__all__ = ["FlowMethod", "FlowMethodConfig", "ZOO_INITS"]
+__all__ = ["FlowMethod", "FlowMethodConfig", "zoo_inits"]
 
-#: shared initialisations of the family zoo: a random one, or the meta-parameters of a gradient meta-learner
-ZOO_INITS = ("random", "maml", "fomaml", "anil", "metasgd", "reptile", "pretrain")
+
+def zoo_inits() -> tuple[str, ...]:
+    """Shared initialisations a family zoo can start from: ``"random"``, or the meta-parameters of any registered
+    gradient meta-learner (read from the method registry, so a newly registered learner counts)."""
+    from metaflow_ws.fewshot.baselines import METHODS, GradientMetaLearner
+
+    return ("random", *(n for n, f in METHODS.items() if isinstance(f, type) and issubclass(f, GradientMetaLearner)))
+
+
 #: prefix of the shared initialisation's tensors in a residual flow method's saved state
 INIT_PREFIX = "zoo_init."
 
@@ -76,7 +83,7 @@ class FlowMethodConfig:
     net_lr: float = 0.0  # 0: the fine-tuning learning rate (``MetaConfig.inner_lr``)
     net_batch: int = 5
     keep: int = 3  # last checkpoints of every network kept in the zoo
-    #: shared initialisation of the zoo (one of ``ZOO_INITS``): ``"random"`` (Kaiming uniform) or the
+    #: shared initialisation of the zoo (one of :func:`zoo_inits`): ``"random"`` (Kaiming uniform) or the
     #: meta-parameters of a gradient meta-learner trained for ``zoo_init_iterations`` meta-iterations with the
     #: baselines' budget settings (meta-batch, inner and outer learning rates)
     zoo_init: str = "maml"
@@ -116,8 +123,8 @@ class FlowMethodConfig:
             raise ValueError(f"flow method: net_optimizer must be 'sgd' or 'adam'; got {self.net_optimizer!r}")
         if not self.net_lr >= 0:
             raise ValueError(f"flow method: net_lr must be ≥ 0 (0: the fine-tuning learning rate); got {self.net_lr}")
-        if self.zoo_init not in ZOO_INITS:
-            raise ValueError(f"flow method: zoo_init must be one of {', '.join(ZOO_INITS)}; got {self.zoo_init!r}")
+        if self.zoo_init not in (inits := zoo_inits()):
+            raise ValueError(f"flow method: zoo_init must be one of {', '.join(inits)}; got {self.zoo_init!r}")
         if self.residual and not self.anchor:
             raise ValueError("flow method: residual=true needs anchor=true (the field must see the shared init)")
 
