@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -291,6 +292,10 @@ def test_protocol_scores_and_confidence_interval():
     r0 = res.by_steps(0)
     assert r0.mean == pytest.approx(float(per.mean()), rel=1e-5)
     assert r0.ci95 == pytest.approx(1.96 * float(per.std()) / math.sqrt(6), rel=1e-5)
+    assert r0.median == pytest.approx(float(per.sort().values[2]), rel=1e-6)  # lower middle of 6 (torch's)
+    assert r0.to_dict()["median"] == r0.median
+    blown = dataclasses.replace(r0, per_task=torch.tensor([0.1, math.nan, 0.3]))  # a diverged task is the worst
+    assert blown.median == pytest.approx(0.3)
     ten = sgd_adapt(SMALL.spec, "regression", {k: v[:, 0] for k, v in cands.items()}, ep.support_x, ep.support_y,
                     steps=10, lr=0.05)
     torch.testing.assert_close(res.kept[10]["layers.2.bias"], ten["layers.2.bias"][:2])
@@ -407,6 +412,8 @@ def test_cli_end_to_end_writes_readme_and_reuses_states(capsys, tmp_path, monkey
     assert zero["mean"] > 0 and res["methods"]["zero"]["state"] is None
     readme = (out / "README.md").read_text()
     assert "| maml | 5 |" in readme and "| zero | 10 |" in readme and "metaflow-ws fewshot --family sinusoid" in readme
+    medians = readme.split("Median over the test tasks")[1].split("\n\n")[1]  # the median table
+    assert f"| zero | 5 | {zero['median']:.3f} |" in medians
     assert (out / "sinusoid_fits.png").stat().st_size > 1000 and res["plot_methods"] == ["maml", "zero"]
     assert res["complete"] is True
     assert (out / "state" / "sinusoid" / "maml.safetensors").is_file()

@@ -158,9 +158,17 @@ class StepResult:
     nonfinite: int
     per_task: Tensor = field(repr=False)
 
+    @property
+    def median(self) -> float:
+        """Median over tasks (a non-finite task counts as the worst): robust to the few tasks on which a
+        fine-tuning blows up, which dominate the mean of a regression error."""
+        v = self.per_task.double().nan_to_num(nan=math.inf if self.metric == "mse" else -math.inf)
+        return float(v.median())
+
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "metric": self.metric, "mean": self.mean, "ci95": self.ci95,
-                "support_loss": self.support_loss, "query_loss": self.query_loss, "nonfinite": self.nonfinite}
+                "median": self.median, "support_loss": self.support_loss, "query_loss": self.query_loss,
+                "nonfinite": self.nonfinite}
 
 
 @dataclass(frozen=True)

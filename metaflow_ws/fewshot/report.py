@@ -113,6 +113,15 @@ def markdown_family(entry: Mapping[str, Any]) -> str:
         for k, res in sorted(m["results"].items(), key=lambda kv: int(kv[0])):
             by = {r["steps"]: r for r in res["results"]}
             lines.append(f"| {name} | {k} | " + " | ".join(format_cell(by.get(s), metric) for s in steps) + " |")
+    if metric == "mse" and any("median" in r for m in entry["methods"].values() for res in m["results"].values()
+                               for r in res["results"]):
+        lines += ["", "Median over the test tasks (where it is far below the mean, a few tasks dominate the "
+                  "mean):", "", head, "|---|---|" + "---|" * len(steps)]
+        for name, m in methods:
+            for k, res in sorted(m["results"].items(), key=lambda kv: int(kv[0])):
+                by = {r["steps"]: r.get("median") for r in res["results"]}
+                lines.append(f"| {name} | {k} | " + " | ".join("–" if by.get(s) is None else f"{by[s]:.3f}"
+                                                                for s in steps) + " |")
     lines += ["", "| method | meta-training wall time | final meta-loss | state |", "|---|---|---|---|"]
     for name, m in methods:
         t = m["train"]
