@@ -322,3 +322,29 @@ def test_fewshot_cli_sets_flow_options(capsys, tmp_path):
     bad = [a if a != "flow.query_weight=0.5" else "flow.query_weight=1" for a in argv]
     assert main([*bad, "--reuse"]) == 2
     assert "query_weight" in capsys.readouterr().err
+
+
+def test_a_family_sets_its_own_method_defaults_under_explicit_options():
+    """``Family.method_defaults``: the flow method built for the family (by ``get_method`` or directly) starts
+    from the family's settings; ``--method-option`` values still win; a bad key names the family."""
+    from typing import ClassVar
+
+    from metaflow_ws.fewshot.baselines import get_method, method_settings
+    from metaflow_ws.fewshot.conditional import FlowMethod, FlowMethodConfig
+    from metaflow_ws.fewshot.episodes import SinusoidFamily
+
+    class Picky(SinusoidFamily):
+        method_defaults: ClassVar[dict] = {"flow": {"zoo_init": "random", "tasks": 7}}
+
+    fam = Picky()
+    assert get_method("flow", fam).settings == FlowMethodConfig(zoo_init="random", tasks=7)
+    assert FlowMethod(fam).settings == FlowMethodConfig(zoo_init="random", tasks=7)
+    assert get_method("flow", fam, options={"tasks": "9"}).settings == FlowMethodConfig(zoo_init="random", tasks=9)
+    assert get_method("flow", SinusoidFamily()).settings == FlowMethodConfig()  # no defaults: the dataclass's
+    assert get_method("maml", fam).name == "maml"  # other methods are untouched
+
+    class Broken(SinusoidFamily):
+        method_defaults: ClassVar[dict] = {"flow": {"zoo_innit": "random"}}
+
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['zoo_innit'\].*family 'sinusoid'"):
+        method_settings("flow", {}, Broken())

@@ -34,6 +34,7 @@ _LAZY = {
     "MetaConfig": "metaflow_ws.fewshot.baselines",
     "GradientMetaLearner": "metaflow_ws.fewshot.baselines",
     "get_method": "metaflow_ws.fewshot.baselines",
+    "family_method_defaults": "metaflow_ws.fewshot.baselines",
     "method_names": "metaflow_ws.fewshot.baselines",
     "method_settings": "metaflow_ws.fewshot.baselines",
     "parse_method_options": "metaflow_ws.fewshot.baselines",

@@ -49,6 +49,7 @@ __all__ = [
     "Pretrain",
     "Reptile",
     "Scratch",
+    "family_method_defaults",
     "get_method",
     "method_names",
     "method_settings",
@@ -343,21 +344,30 @@ def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def method_settings(name: str, options: Mapping[str, Any]) -> Any:
-    """The settings object of method ``name`` (its factory's ``settings_class``, a dataclass) with ``options``
-    replacing defaults; strings are converted to each field's type. Raises ``ValueError`` for a method without
-    settings or an unknown option, naming the valid ones."""
+def family_method_defaults(family: Family | None, name: str) -> dict[str, Any]:
+    """The settings a family chooses for method ``name`` (``family.method_defaults[name]``; empty if none)."""
+    return dict(getattr(family, "method_defaults", {}).get(name, {})) if family is not None else {}
+
+
+def method_settings(name: str, options: Mapping[str, Any], family: Family | None = None) -> Any:
+    """The settings object of method ``name`` (its factory's ``settings_class``, a dataclass): the dataclass
+    defaults, then ``family``'s own defaults for the method (:func:`family_method_defaults`), then ``options``;
+    strings are converted to each field's type. Raises ``ValueError`` for a method without settings or an
+    unknown option, naming the valid ones."""
     import dataclasses
 
     cls = getattr(_factory(name), "settings_class", None)
     if cls is None:
         raise ValueError(f"few-shot method {name!r} takes no options (only methods with a settings_class do)")
     fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for few-shot method {name!r}; expected some of {fields}")
+    base = family_method_defaults(family, name)
+    for source, opts in ((f"family {getattr(family, 'name', '?')!r}'s defaults", base), ("options", options)):
+        unknown = sorted(set(opts) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for few-shot method {name!r} in {source}; "
+                             f"expected some of {fields}")
     defaults = cls()
-    return cls(**{k: _coerce(name, k, v, getattr(defaults, k)) for k, v in options.items()})
+    return cls(**{k: _coerce(name, k, v, getattr(defaults, k)) for k, v in {**base, **options}.items()})
 
 
 def parse_method_options(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -376,10 +386,11 @@ def get_method(name: str, family: Family, config: MetaConfig | None = None, *, d
                seed: int = 0, options: Mapping[str, Any] | None = None) -> Method:
     """Build the method ``name``; raises ``ValueError`` listing the registered names for an unknown one.
 
-    ``options`` set fields of the method's settings (see :func:`method_settings`), e.g. ``{"query_weight": 1}``
-    for ``flow``; they are passed to the factory as ``settings=``."""
+    ``options`` set fields of the method's settings over the family's own defaults for it (see
+    :func:`method_settings`), e.g. ``{"query_weight": 1}`` for ``flow``; they are passed to the factory as
+    ``settings=``."""
     factory = _factory(name)
-    if options:
+    if options or family_method_defaults(family, name):
         return factory(family, config or MetaConfig(), device=device, seed=seed,
-                       settings=method_settings(name, options))
+                       settings=method_settings(name, options or {}, family))
     return factory(family, config or MetaConfig(), device=device, seed=seed)

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaflow_ws.fewshot.baselines import MetaConfig, register_method
+from metaflow_ws.fewshot.baselines import MetaConfig, method_settings, register_method
 from metaflow_ws.fewshot.episodes import Family, stream_generator
 from metaflow_ws.fewshot.protocol import Method
 from metaflow_ws.flows.flow import FlowConfig, WeightFlow
@@ -139,7 +139,7 @@ class FlowMethod(Method):
                  seed: int = 0, settings: FlowMethodConfig | None = None) -> None:
         self.family, self.spec, self.kind = family, family.spec, family.kind
         self.meta = config or MetaConfig(inner_lr=float(getattr(family, "lr", MetaConfig.inner_lr)))
-        self.settings = settings or FlowMethodConfig()
+        self.settings = settings or method_settings(self.name, {}, family)  # the family's defaults, if any
         self.device, self.seed = torch.device(device), int(seed)
         s = self.settings
         #: the family zoo's shared initial network ``{name: [1, ...]}`` (set by :meth:`family_zoo` or a loaded state)
