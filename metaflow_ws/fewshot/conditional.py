@@ -9,7 +9,8 @@ Meta-training, in three stages:
    (``zoo_init="maml"``: a short MAML run, ``zoo_init_iterations`` meta-iterations of the shared budget): from a
    random init the networks of neighbouring tasks end up far apart in weight space — averaging the weights of the
    2 nearest meta-training tasks' networks breaks the function — so the flow would have to regress a map that is
-   not smooth; fine-tuned from the MAML init they stay in one basin, where such averages still fit. The networks
+   not smooth; fine-tuned from the MAML init they stay in one basin, where such averages still fit (a family can
+   choose otherwise: ``digits`` starts from a random init, see ``DigitsFewShot.method_defaults``). The networks
    are trained with the protocol's own fine-tuning optimizer (plain SGD at the inner learning rate) on
    minibatches as small as the smallest support set: gradient descent at step size η settles only where the loss
    is flatter than about 2/η, so the zoo's networks — and the flow's proposals — stay stable when the protocol
