@@ -12,7 +12,7 @@ import fcntl
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,26 +102,24 @@ def markdown_family(entry: Mapping[str, Any]) -> str:
         lines += [f"**Method options** (changed from the defaults): {opts}.", ""]
     if entry.get("budget_note"):
         lines += [f"**Budget note:** {entry['budget_note']}", ""]
-    head = "| method | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |"
-    lines += [head, "|---|---|" + "---|" * len(steps)]
     # results.json is written with sorted keys: restore the run's method order and numeric K order
     planned = list(entry.get("planned_methods") or [])
     builtin = ["maml", "fomaml", "anil", "metasgd", "reptile", "pretrain", "scratch"]
     rank = {n: i for i, n in enumerate(planned or builtin)}
     methods = sorted(entry["methods"].items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
-    for name, m in methods:
-        for k, res in sorted(m["results"].items(), key=lambda kv: int(kv[0])):
-            by = {r["steps"]: r for r in res["results"]}
-            lines.append(f"| {name} | {k} | " + " | ".join(format_cell(by.get(s), metric) for s in steps) + " |")
-    if metric == "mse" and any("median" in r for m in entry["methods"].values() for res in m["results"].values()
-                               for r in res["results"]):
+    rows = [(name, k, {r["steps"]: r for r in res["results"]})
+            for name, m in methods for k, res in sorted(m["results"].items(), key=lambda kv: int(kv[0]))]
+
+    def table(cell: Callable[[Mapping[str, Any] | None], str]) -> list[str]:
+        head = "| method | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |"
+        return [head, "|---|---|" + "---|" * len(steps),
+                *(f"| {name} | {k} | " + " | ".join(cell(by.get(s)) for s in steps) + " |" for name, k, by in rows)]
+
+    lines += table(lambda r: format_cell(r, metric))
+    if metric == "mse" and any("median" in r for _, _, by in rows for r in by.values()):
         lines += ["", "Median over the test tasks (where it is far below the mean, a few tasks dominate the "
-                  "mean):", "", head, "|---|---|" + "---|" * len(steps)]
-        for name, m in methods:
-            for k, res in sorted(m["results"].items(), key=lambda kv: int(kv[0])):
-                by = {r["steps"]: r.get("median") for r in res["results"]}
-                lines.append(f"| {name} | {k} | " + " | ".join("–" if by.get(s) is None else f"{by[s]:.3f}"
-                                                                for s in steps) + " |")
+                  "mean):", ""]
+        lines += table(lambda r: "–" if r is None or r.get("median") is None else f"{r['median']:.3f}")
     lines += ["", "| method | meta-training wall time | final meta-loss | state |", "|---|---|---|---|"]
     for name, m in methods:
         t = m["train"]
