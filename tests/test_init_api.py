@@ -150,10 +150,10 @@ def test_width_transfer_loads_the_transferred_sample(flow, support):
     assert torch.equal(module(support[0]), spec.forward(sd, support[0]))
 
 
-def _manual_grads(flow, support, k, m, bs, seed):
+def _manual_grads(flow, support, k, m, bs, seed, balance):
     """Gradients of every candidate on the warm-start minibatches, recomputed with autograd on modules."""
     g = _gen(seed)
-    params = sample_params(flow, k, sample_config=FAST, generator=g)  # the same draws as warm_start's
+    params = sample_params(flow, k, sample_config=FAST, generator=g, balance=balance)  # warm_start's draws
     idx = [torch.randperm(support[0].shape[0], generator=g)[:bs] for _ in range(m)]
     out = []
     for mod in flow.spec.to_modules(params):
@@ -168,7 +168,7 @@ def _manual_grads(flow, support, k, m, bs, seed):
 
 def test_warm_start_adam_state_versus_a_fresh_adam(flow, support):
     k, m, bs = 4, 3, 32
-    params, g0 = _manual_grads(flow, support, k, m, bs, seed=5)
+    params, g0 = _manual_grads(flow, support, k, m, bs, seed=5, balance=False)  # Adam: the decoded scales
     losses = candidate_losses(flow.spec, params, resolve_support(data=support))
     best = int(losses.argmin())
 
@@ -180,6 +180,7 @@ def test_warm_start_adam_state_versus_a_fresh_adam(flow, support):
     st = opt.state[model[0].weight]
     s = k * m
     assert float(st["step"]) == s
+    assert torch.equal(model[0].weight, params["layers.0.weight"][best])
     torch.testing.assert_close(st["exp_avg"], (1 - 0.9**s) * g0[best].mean(0))
     torch.testing.assert_close(st["exp_avg_sq"], (1 - 0.999**s) * g0.pow(2).mean((0, 1)))
     assert len(opt.state) == len(list(model.parameters()))
@@ -208,6 +209,18 @@ def test_warm_start_with_an_existing_optimizer_sgd_and_adamw(flow, support):
                                     sample_config=FAST, generator=_gen(6))
     assert out_model is model and out_opt is sgd
     assert all("momentum_buffer" in sgd.state[p] for p in model.parameters())
+    # SGD gets rebalanced candidates (the decoded scales make it diverge), Adam the decoded ones; balance= overrides
+    x = support[0]
+    for opt, balance in [(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), True),
+                         (functools.partial(torch.optim.Adam, lr=1e-3), False)]:
+        for override in (None, not balance):
+            m_, _ = warm_start(MLP((30, 16, 16, 2)), opt, flow, support, candidates=2, sample_config=FAST,
+                               generator=_gen(8), balance=override)
+            ref = sample_params(flow, 2, sample_config=FAST, generator=_gen(8),
+                                balance=balance if override is None else override)
+            best = int(candidate_losses(flow.spec, ref, resolve_support(data=support)).argmin())
+            assert torch.equal(m_.layers[0].weight, ref["layers.0.weight"][best])
+            torch.testing.assert_close(m_(x), flow.spec.forward({kk: v[best] for kk, v in ref.items()}, x))
     model2, adamw = warm_start(MLP((30, 16, 16, 2)), lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1,
                                                                                   amsgrad=True),
                                flow, support, candidates=2, sample_config=FAST, generator=_gen(6))

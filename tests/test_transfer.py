@@ -171,3 +171,38 @@ def test_normalized_guidance_steps_have_length_lambda_dt_and_lower_the_loss(flow
     torch.testing.assert_close(steps.norm(dim=-1), torch.full((10, 5), 0.05))  # λ·dt, whatever the gradient size
     loss = [batch_metrics(flow.spec, flow.decode(z), x, y, "classification")["loss"] for z in (x0, out)]
     assert (loss[1] < loss[0]).all()
+
+
+
+def test_learned_init_warm_states_are_what_warm_start_sets(flows):
+    """The experiment's vmapped optimizer states (groups of k candidates) equal, group by group, the state
+    `warm_start` writes into torch's Adam and SGD for the same candidates and minibatches."""
+    from metaflow_ws import get_task
+    from metaflow_ws.experiments.transfer import TransferConfig, _warm_states
+    from metaflow_ws.init import _set_state, candidate_gradients, resolve_support
+    from metaflow_ws.train.optim import SGD
+
+    flow = flows["geometric"]
+    spec, s, k, m = flow.spec, 3, 4, 4
+    cfg = TransferConfig.from_preset("tiny", init_batch=16)
+    x, y = get_task("breast_cancer").data(0).split("train")
+    support = resolve_support(data=(x[:64], y[:64]))
+    cand = flow.decode(sample(flow, s * k, SampleConfig(steps=2), generator=_gen(1)))
+    pick = torch.tensor([2, 0, 3])
+    states = _warm_states(spec, cand, pick, support, cfg, SGD(lr=0.1, momentum=0.9, weight_decay=1e-3))
+    grads = candidate_gradients(spec, cand, support, grad_batches=m, batch_size=16, generator=_gen(cfg.seed + 106))
+    for i in range(s):
+        rows = slice(i * k, (i + 1) * k)
+        for opt_cls, kw, keys in [(torch.optim.Adam, {"lr": 1e-3}, {"m": "exp_avg", "v": "exp_avg_sq"}),
+                                  (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+                                   {"buf": "momentum_buffer"})]:
+            params = {n: torch.nn.Parameter(v[rows][int(pick[i])].clone()) for n, v in cand.items()}
+            opt = opt_cls(list(params.values()), **kw)
+            for n, p in params.items():  # what warm_start does for every parameter
+                _set_state(opt, opt.param_groups[0], p, grads[n][rows], int(pick[i]), cand[n][rows], k * m)
+            got = states["adam" if opt_cls is torch.optim.Adam else "sgd"]
+            for ours, theirs in keys.items():
+                ref = spec.flatten({n: opt.state[p][theirs][None] for n, p in params.items()})[0]
+                torch.testing.assert_close(got[ours][i], ref)
+            if opt_cls is torch.optim.Adam:
+                assert int(got["t"]) == int(float(opt.state[params["layers.0.weight"]]["step"])) == k * m

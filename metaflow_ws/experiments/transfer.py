@@ -6,9 +6,10 @@
     on the target (its recipe and Adam) and a *guidance-only* baseline: the same number of guidance steps from
     the same prior draws with the flow's velocity switched off (Riemannian gradient descent).
 (b) **Learned initialization.** Training on the held-out target task from flow samples (unguided, guided, best
-    of k candidates, rebalanced or not, plus the warm-started Adam state of :func:`metaflow_ws.init.warm_start`) vs PyTorch's
-    default init and N(0, σ²), several seeds, test accuracy vs steps and steps-to-threshold ratios, with Adam
-    and with the task's SGD recipe. All runs of one optimizer train at once with ``vmap``.
+    of k candidates, rebalanced or not, plus the optimizer state :func:`metaflow_ws.init.warm_start` sets: Adam
+    moments, SGD momentum) vs PyTorch's default init and N(0, σ²), several seeds, test accuracy vs steps and
+    steps-to-threshold ratios, with Adam and with the task's SGD recipe. All runs of one optimizer train at once
+    with ``vmap``.
 (c) **Architecture transfer.** The ``digits`` flow (64-10-10) samples other hidden widths through
     :meth:`WeightFlow.for_spec`, with and without guidance, next to networks trained at those widths.
 
@@ -322,10 +323,10 @@ def task_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, device: to
 
 # ----------------------------------------------------------------------------------- (b) learned initialization
 @dataclass(frozen=True, eq=False)
-class _PresetAdam:
-    """Functional Adam whose initial state is given (the warm-started moments)."""
+class _Preset:
+    """A functional optimizer whose initial state is given (the warm-started moments or momentum)."""
 
-    base: Adam
+    base: Any
     state0: dict
 
     def init(self, params: Tensor) -> dict:
@@ -363,6 +364,29 @@ def _first_step(steps: Sequence[int], curve: Tensor, threshold: float) -> int | 
     return int(steps[int(hit[0])]) if hit.numel() else None
 
 
+def _warm_states(spec: NetworkSpec, cand: dict[str, Tensor], pick: Tensor, support: Support, cfg: TransferConfig,
+                 sgd: SGD) -> dict[str, dict[str, Tensor]]:
+    """The optimizer states :func:`~metaflow_ws.init.warm_start` sets, for ``s`` groups of ``k`` candidates
+    (``cand``: ``{name: [s·k, ...]}``; ``pick``: ``[s]``, the chosen candidate of each group), vmapped over the
+    groups. Adam: the chosen network's own mean gradient (m) and second moments pooled over the group's ``k``
+    candidates (v), as if ``k · M`` gradients had been seen; SGD: the momentum buffer is the chosen network's mean
+    gradient (plus the L2 term)."""
+    s, k = pick.shape[0], next(iter(cand.values())).shape[0] // pick.shape[0]
+    grads = candidate_gradients(spec, cand, support, grad_batches=4, batch_size=cfg.init_batch,
+                                generator=_gen(cfg.seed + 106))
+    g = spec.flatten({n: v.flatten(0, 1) for n, v in grads.items()})  # [s·k·M, D]
+    m_b = g.shape[0] // (s * k)
+    g = g.view(s, k, m_b, -1)
+    n_seen = k * m_b
+    b1, b2 = 0.9, 0.999
+    m_hat = g[torch.arange(s), pick].mean(1)
+    v_hat = g.pow(2).mean((1, 2))
+    chosen = spec.flatten(cand).view(s, k, -1)[torch.arange(s), pick]
+    return {"adam": {"m": (1 - b1**n_seen) * m_hat, "v": (1 - b2**n_seen) * v_hat,
+                     "t": torch.tensor(n_seen, dtype=torch.int64)},
+            "sgd": {"buf": m_hat + sgd.weight_decay * chosen, "t": torch.tensor(1, dtype=torch.int64)}}
+
+
 def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, best_only: dict[str, Any] | None,
                  cfg: TransferConfig, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
     """Train on the held-out target from flow samples vs default inits (see the module docstring)."""
@@ -375,7 +399,7 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
         "PyTorch default (kaiming-uniform)": spec.flatten(spec.init(s, scheme="kaiming_uniform", generator=_gen(cfg.seed + 101))),
         "N(0, 0.1)": spec.flatten(spec.init(s, scheme="normal", std=0.1**0.5, generator=_gen(cfg.seed + 102))),
     }
-    # every init decoded from flow coordinates is rebalanced as init_/warm_start do (balance_scales)
+    # inits decoded from flow coordinates are rebalanced as init_ does (balance_scales) unless the label says not
     unguided, _ = _draw(flow, s, SampleConfig(steps=g_steps), None, cfg.seed + 103)
     inits["flow, unguided"] = spec.flatten(balance_scales(spec, unguided))
     if best_only is not None:
@@ -383,7 +407,9 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
                                               guidance_normalize=True), support, cfg.seed + 104, no_flow=True)
         inits[f"guidance only (λ={best_only['guidance']:g}, {best_only['steps']} steps)"] = spec.flatten(
             balance_scales(spec, only))
-    warm_state: dict[str, Tensor] | None = None
+    rec = task.recipe
+    sgd = SGD(lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay)
+    warm: dict[str, dict[str, tuple[dict[str, Tensor], Tensor]]] = {"adam": {}, "sgd": {}}  # label -> (state, init)
     if best is not None:
         raw, _ = _draw(flow, s * k, sc_guided, support, cfg.seed + 105)  # s groups of k candidates
         cand = balance_scales(spec, raw)
@@ -393,22 +419,19 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
         label = f"flow + guidance (λ={best['guidance']:g}, {g_steps} steps)"
         inits[label] = flat[:, 0]
         inits[f"{label}, best of {k}"] = flat[torch.arange(s), pick]
-        inits[f"{label}, best of {k}, not rebalanced"] = spec.flatten(raw).view(s, k, -1)[torch.arange(s), pick]
-        # Adam moments of warm_start: own mean gradient (m), second moments pooled over the k candidates (v)
-        grads = candidate_gradients(spec, cand, support, grad_batches=4, batch_size=cfg.init_batch,
-                                    generator=_gen(cfg.seed + 106))
-        g = spec.flatten({n: v.flatten(0, 1) for n, v in grads.items()})  # [s·k·M, D]
-        m_b = g.shape[0] // (s * k)
-        g = g.view(s, k, m_b, -1)
-        n_seen = k * m_b
-        b1, b2 = 0.9, 0.999
-        m_hat = g[torch.arange(s), pick].mean(1)
-        v_hat = g.pow(2).mean((1, 2))
-        warm_state = {"m": (1 - b1**n_seen) * m_hat, "v": (1 - b2**n_seen) * v_hat,
-                      "t": torch.tensor(n_seen, dtype=torch.int64)}
-        warm_label = f"{label}, best of {k} + warm-started Adam state"
+        raw_pick = spec.flatten(raw).view(s, k, -1)[torch.arange(s), pick]
+        inits[f"{label}, best of {k}, not rebalanced"] = raw_pick
+        # what warm_start gives (Adam: the decoded scales, SGD: rebalanced), plus Adam from rebalanced candidates
+        balanced = _warm_states(spec, cand, pick, support, cfg, sgd)
+        decoded = _warm_states(spec, raw, pick, support, cfg, sgd)
+        warm_label = f"{label}, best of {k}, not rebalanced + warm-started Adam state"
+        warm_sgd_label = f"{label}, best of {k} + warm-started momentum"
+        warm = {"adam": {warm_label: (decoded["adam"], raw_pick),
+                         f"{label}, best of {k} + warm-started Adam state": (balanced["adam"],
+                                                                              inits[f"{label}, best of {k}"])},
+                "sgd": {warm_sgd_label: (balanced["sgd"], inits[f"{label}, best of {k}"])}}
     sample_seconds = time.perf_counter() - t0
-    primary = ({"adam": warm_label, "sgd": f"{label}, best of {k}"} if best is not None else {})
+    primary = {"adam": warm_label, "sgd": warm_sgd_label} if best is not None else {}
     results: dict[str, Any] = {"task": task.name, "seeds": s, "candidates": k, "batch_size": cfg.init_batch,
                                "primary": primary,
                                "steps": cfg.init_steps, "sample_seconds": round(sample_seconds, 1),
@@ -416,19 +439,12 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
                                "optimizers": {}}
     for opt_name in ("adam", "sgd"):
         t1 = time.perf_counter()
-        if opt_name == "adam":
-            base = Adam(lr=cfg.init_lr)
-            runs = dict(inits) | ({warm_label: inits[f"{label}, best of {k}"]} if warm_state is not None else {})
+        base = Adam(lr=cfg.init_lr) if opt_name == "adam" else sgd
+        preset = warm[opt_name]
+        runs = dict(inits) | {name: init for name, (_, init) in preset.items()}
 
-            def factory(name: str, flat: Tensor, base: Any = base) -> Any:
-                return _PresetAdam(base, warm_state) if warm_state is not None and name == warm_label else base
-        else:
-            rec = task.recipe
-            base = SGD(lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay)
-            runs = dict(inits)
-
-            def factory(name: str, flat: Tensor, base: Any = base) -> Any:
-                return base
+        def factory(name: str, flat: Tensor, base: Any = base, preset: dict = preset) -> Any:
+            return _Preset(base, preset[name][0]) if name in preset else base
         steps, curves = _curves(spec, task, runs, factory, cfg, device)
         default = curves["PyTorch default (kaiming-uniform)"].mean(0)
         thr_final = float(default[-1])
@@ -550,7 +566,7 @@ def _goals(res: dict[str, Any]) -> list[dict[str, Any]]:
                       "met": tt["goal_fraction"] >= 0.9})
     li = res["learned_init"]
     for opt, r in li["optimizers"].items():
-        name = li["primary"].get(opt)  # fixed in advance: what warm_start (Adam) / init_(candidates=k) (SGD) give
+        name = li["primary"].get(opt)  # fixed in advance: what warm_start gives with this optimizer
         if name is None:
             continue
         m = r["methods"][name]
@@ -690,7 +706,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
               f"cell chosen in (a); each guided init cost {li['guidance_gradient_evaluations_per_network']} full-batch "
               "gradient evaluations during sampling (not counted in the steps below). Inits decoded from flow "
               "coordinates are rebalanced as `init_` does (`balance_scales`) unless the row says otherwise. "
-              "Steps-to-threshold are read "
+              "The goal rows are fixed in advance: what `warm_start` gives with that optimizer (Adam: the decoded "
+              "scales, not rebalanced, plus warm-started moments; SGD: rebalanced, plus a warm-started momentum "
+              "buffer). Steps-to-threshold are read "
               "off the mean curve; ratio = steps to reach the default init's final accuracy / the default init's own.",
               "", "![learned init](init_curves.png)", ""]
     for opt, r in li["optimizers"].items():
