@@ -387,7 +387,8 @@ def init_(
         cond: task embedding for task-conditioned flows.
         width_transfer: allow a module that differs from the flow's architecture only in hidden widths.
         balance: rebalance the ReLU scales of the sample (:func:`balance_scales`; same function, trained-like
-            per-layer norms: SGD from a raw scale-canonical sample can diverge).
+            per-layer norms: SGD from a raw scale-canonical sample can diverge). Pass ``False`` before training
+            with Adam, which trains faster from the decoded scales (:func:`warm_start` chooses by itself).
 
     The module then holds exactly the sample :func:`sample_state_dicts` gives for the same generator state,
     and computes the decoded flow sample's function (bit for bit with ``balance=False``).
