@@ -206,3 +206,17 @@ def test_learned_init_warm_states_are_what_warm_start_sets(flows):
                 torch.testing.assert_close(got[ours][i], ref)
             if opt_cls is torch.optim.Adam:
                 assert int(got["t"]) == int(float(opt.state[params["layers.0.weight"]]["step"])) == k * m
+
+
+def test_mnist1d_pair_follows_the_task_unless_overridden():
+    from metaflow_ws.experiments.transfer import TransferConfig, _pairs
+    from metaflow_ws.tasks import get_task
+
+    task = get_task("mnist1d")
+    pair = _pairs(TransferConfig.from_preset("full"))[1]
+    assert pair.source.spec == task.spec == pair.target.spec and pair.zoo_runs == task.recipe.runs
+    assert pair.source.recipe == task.recipe and pair.zoo_epochs is None  # the task's own SGD recipe and epochs
+    assert pair.target.name == "mnist1d_shuffled[40-10-10,seed=1]"
+    wide = _pairs(TransferConfig.from_preset("full", mnist1d_widths=(40, 32, 10), mnist1d_zoo_runs=7))[1]
+    assert wide.source.spec == NetworkSpec((40, 32, 10)) == wide.target.spec and wide.zoo_runs == 7
+    assert len(_pairs(TransferConfig.from_preset("full", mnist1d=False))) == 1

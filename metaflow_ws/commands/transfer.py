@@ -9,7 +9,7 @@ from metaflow_ws.commands import add_common, add_speed_options
 NAME = "transfer"
 HELP = "transfer experiments: guidance to related tasks, learned initialization, other hidden widths"
 DESCRIPTION = (
-    "Train flows on source zoos (digits; mnist1d at a narrower width), sample them with a related task's loss "
+    "Train flows on source zoos (digits; mnist1d), sample them with a related task's loss "
     "gradients (sweeping guidance strength x steps), train from flow samples vs default inits, and sample other "
     "hidden widths. Writes OUT/README.md, OUT/results.json and PNG plots. Presets: --quick (a couple of CPU "
     "minutes), full (default, about 30-40 CPU minutes)."

@@ -169,9 +169,9 @@ class WeightFlow(nn.Module):
         """Inside the block, the vector field runs through ``torch.compile`` (Inductor; CPU needs a C++ compiler).
 
         Fused kernels make a training step 1.3-1.5× (d = 64 × 5 layers, breast_cancer and digits graphs) to
-        2.4× (mnist1d's 15,000-edge graph) faster on CPU (``benchmarks/bench_vector_field.py --compile``), after
+        2.4× (a 40-100-100-10 graph, 15,000 edges) faster on CPU (``benchmarks/bench_vector_field.py --compile``), after
         a one-off compilation of about a minute per input shape. The compiled field runs without activation
-        checkpointing, whose recomputation costs more than Inductor saves (mnist1d, batch 32: 1.6 GB peak
+        checkpointing, whose recomputation costs more than Inductor saves (that graph, batch 32: 1.6 GB peak
         compiled vs 1.1 GB checkpointed and 1.9 GB plain). The flow and its ``state_dict`` are unchanged; on
         exit the eager field is back. ``compile_kwargs`` go to ``torch.compile`` (default ``dynamic=False``).
         """

@@ -295,7 +295,7 @@ def log_likelihood(
     reference first), or flow coordinates ``(B, flow.dim)``. ``cond``: ``(B, cond_dim)`` task embeddings of a
     conditional flow. ``batch_size`` networks are integrated at a time (default: as many as keep one
     edge-feature tensor of the vector field under ``AUTO_CHECKPOINT_ELEMENTS`` elements — the vjp keeps every
-    layer's activations, so 160 networks of MNIST1D's 40-100-100-10 graph at once need over 24 GB); exact
+    layer's activations, so 160 networks of a 40-100-100-10 graph at once need over 24 GB); exact
     divergences cost ``dim`` backward passes per step and network, Hutchinson ``n_probes``.
     """
     from metaflow_ws.io.zoo import Zoo
