@@ -562,7 +562,7 @@ def _goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         adam = tt["target_trained"].get("adam", tt["target_trained"]["recipe"])["accuracy_mean"]
         b = tt["best_guided"]
         goals.append({"goal": f"guided transfer {tt['source']} → {tt['target']} ≥ 90 % of the Adam-trained accuracy",
-                      "measured": f"{b['accuracy_mean']:.3f} / {adam:.3f} = {tt['goal_fraction']:.0%} "
+                      "measured": f"{b['accuracy_mean']:.3f} / {adam:.3f} = {tt['goal_fraction']:.1%} "
                                   f"(λ={b['guidance']:g}, {b['steps']} steps, chosen on validation)",
                       "met": tt["goal_fraction"] >= 0.9})
     li = res["learned_init"]
