@@ -173,14 +173,13 @@ def test_normalized_guidance_steps_have_length_lambda_dt_and_lower_the_loss(flow
     assert (loss[1] < loss[0]).all()
 
 
-
 def test_learned_init_warm_states_are_what_warm_start_sets(flows):
     """The experiment's vmapped optimizer states (groups of k candidates) equal, group by group, the state
     `warm_start` writes into torch's Adam and SGD for the same candidates and minibatches."""
     from metaflow_ws import get_task
     from metaflow_ws.experiments.transfer import TransferConfig, _warm_states
     from metaflow_ws.init import _set_state, candidate_gradients, resolve_support
-    from metaflow_ws.train.optim import SGD
+    from metaflow_ws.train.optim import SGD, Adam
 
     flow = flows["geometric"]
     spec, s, k, m = flow.spec, 3, 4, 4
@@ -189,7 +188,8 @@ def test_learned_init_warm_states_are_what_warm_start_sets(flows):
     support = resolve_support(data=(x[:64], y[:64]))
     cand = flow.decode(sample(flow, s * k, SampleConfig(steps=2), generator=_gen(1)))
     pick = torch.tensor([2, 0, 3])
-    states = _warm_states(spec, cand, pick, support, cfg, SGD(lr=0.1, momentum=0.9, weight_decay=1e-3))
+    states = _warm_states(spec, cand, pick, support, cfg, Adam(lr=1e-3),
+                          SGD(lr=0.1, momentum=0.9, weight_decay=1e-3))
     grads = candidate_gradients(spec, cand, support, grad_batches=m, batch_size=16, generator=_gen(cfg.seed + 106))
     for i in range(s):
         rows = slice(i * k, (i + 1) * k)

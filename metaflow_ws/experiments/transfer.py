@@ -366,7 +366,7 @@ def _first_step(steps: Sequence[int], curve: Tensor, threshold: float) -> int | 
 
 
 def _warm_states(spec: NetworkSpec, cand: dict[str, Tensor], pick: Tensor, support: Support, cfg: TransferConfig,
-                 sgd: SGD) -> dict[str, dict[str, Tensor]]:
+                 adam: Adam, sgd: SGD) -> dict[str, dict[str, Tensor]]:
     """The optimizer states :func:`~metaflow_ws.init.warm_start` sets, for ``s`` groups of ``k`` candidates
     (``cand``: ``{name: [s·k, ...]}``; ``pick``: ``[s]``, the chosen candidate of each group), vmapped over the
     groups. Adam: the chosen network's own mean gradient (m) and second moments pooled over the group's ``k``
@@ -379,7 +379,7 @@ def _warm_states(spec: NetworkSpec, cand: dict[str, Tensor], pick: Tensor, suppo
     m_b = g.shape[0] // (s * k)
     g = g.view(s, k, m_b, -1)
     n_seen = k * m_b
-    b1, b2 = 0.9, 0.999
+    b1, b2 = adam.betas
     m_hat = g[torch.arange(s), pick].mean(1)
     v_hat = g.pow(2).mean((1, 2))
     chosen = spec.flatten(cand).view(s, k, -1)[torch.arange(s), pick]
@@ -409,7 +409,7 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
         inits[f"guidance only (λ={best_only['guidance']:g}, {best_only['steps']} steps)"] = spec.flatten(
             balance_scales(spec, only))
     rec = task.recipe
-    sgd = SGD(lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay)
+    adam, sgd = Adam(lr=cfg.init_lr), SGD(lr=rec.lr, momentum=rec.momentum, weight_decay=rec.weight_decay)
     warm: dict[str, dict[str, tuple[dict[str, Tensor], Tensor]]] = {"adam": {}, "sgd": {}}  # label -> (state, init)
     if best is not None:
         raw, _ = _draw(flow, s * k, sc_guided, support, cfg.seed + 105)  # s groups of k candidates
@@ -423,8 +423,8 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
         raw_pick = spec.flatten(raw).view(s, k, -1)[torch.arange(s), pick]
         inits[f"{label}, best of {k}, not rebalanced"] = raw_pick
         # what warm_start gives (Adam: the decoded scales, SGD: rebalanced), plus Adam from rebalanced candidates
-        balanced = _warm_states(spec, cand, pick, support, cfg, sgd)
-        decoded = _warm_states(spec, raw, pick, support, cfg, sgd)
+        balanced = _warm_states(spec, cand, pick, support, cfg, adam, sgd)
+        decoded = _warm_states(spec, raw, pick, support, cfg, adam, sgd)
         warm_label = f"{label}, best of {k}, not rebalanced + warm-started Adam state"
         warm_sgd_label = f"{label}, best of {k} + warm-started momentum"
         warm = {"adam": {warm_label: (decoded["adam"], raw_pick),
@@ -440,7 +440,7 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
                                "optimizers": {}}
     for opt_name in ("adam", "sgd"):
         t1 = time.perf_counter()
-        base = Adam(lr=cfg.init_lr) if opt_name == "adam" else sgd
+        base = adam if opt_name == "adam" else sgd
         preset = warm[opt_name]
         runs = dict(inits) | {name: init for name, (_, init) in preset.items()}
 
