@@ -76,3 +76,32 @@ def test_threads_option_rejects_non_positive(capsys, value):
         main(["--threads", value, "tasks"])
     assert exc.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_the_split_travels_from_zoo_to_flow_to_samples_to_evaluate(capsys, tmp_path):
+    """Networks trained on split 3 are scored on split 3's test set unless told otherwise (and then warned)."""
+    from metaflow_ws.flows import WeightFlow
+    from metaflow_ws.io import Zoo
+
+    zoo = tmp_path / "zoo.safetensors"
+    res = run_json(capsys, ["zoo", "breast_cancer", "--runs", "3", "--epochs", "3", "--data-seed", "3",
+                            "--out", str(zoo), "--json"])
+    ev = run_json(capsys, ["evaluate", "--task", "breast_cancer", "--weights", str(zoo), "--final", "--json"])
+    assert ev["data_seed"] == 3 and ev["accuracy_mean"] == pytest.approx(res["test_accuracy_mean"], abs=1e-6)
+    ev0 = run_json(capsys, ["evaluate", "--task", "breast_cancer", "--weights", str(zoo), "--final",
+                            "--data-seed", "0", "--json"])
+    assert ev0["data_seed"] == 0
+    main(["evaluate", "--task", "breast_cancer", "--weights", str(zoo), "--data-seed", "0"])
+    assert "trained on split 3" in capsys.readouterr().err
+
+    flow = tmp_path / "flow"
+    assert main(["train", "--zoo", str(zoo), "--flow", "euclidean", "--steps", "2", "--batch-size", "4",
+                 "--d-model", "8", "--layers", "1", "--out", str(flow), "--json"]) == 0
+    assert WeightFlow.from_pretrained(flow).meta["zoo_data_seed"] == 3
+    assert main(["sample", "--flow", str(flow), "-n", "2", "--steps", "2", "--out", str(tmp_path / "s.safetensors"),
+                 "--json"]) == 0
+    assert Zoo.load(tmp_path / "s.safetensors").data_seed == 3
+    capsys.readouterr()
+    ev = run_json(capsys, ["evaluate", "--task", "breast_cancer", "--weights", str(tmp_path / "s.safetensors"),
+                           "--json"])
+    assert ev["data_seed"] == 3

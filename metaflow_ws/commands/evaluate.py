@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from metaflow_ws.commands import add_common
 
@@ -16,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="zoo-format .safetensors file")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--final", action="store_true", help="only the final checkpoint of every run")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the train/val/test split (default: the split the file's networks were trained on, "
+                        "as recorded by `zoo` and `sample`; 0 if the file records none)")
     p.add_argument("--data-dir", default=None, help="folder with MNIST-like IDX files (mnist, fashion_mnist)")
     add_common(p, seed=False)
 
@@ -33,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     zoo = Zoo.load(args.weights)
     if args.final:
         zoo = zoo.final()
+    if args.data_seed is not None and args.data_seed != zoo.data_seed and "data_seed" in zoo.seeds:
+        print(f"warning: {args.weights} was trained on split {zoo.data_seed} (data seed); scoring it on split "
+              f"{args.data_seed} puts some of its training points in the {args.split} set. Leave out --data-seed "
+              "to use the networks' own split.", file=sys.stderr)
     res = evaluate_zoo(task, zoo, split=args.split, data_seed=args.data_seed, device=device)
     if args.json:
         print_json(res)

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be ≥ 1; got {args.num}")
     device = resolve_device(args.device)
     flow = WeightFlow.from_pretrained(args.flow, device=device)
+    data_seed = int(flow.meta.get("zoo_data_seed", 0))  # the split of the zoo the flow learned from
     cfg = SampleConfig(steps=args.steps, solver=args.solver, noise=args.noise, noise_window=tuple(args.noise_window),
                        guidance=args.guidance, guidance_normalize=args.guidance_normalize)
     gdata = None
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--guidance needs --task TASK (whose training loss guides the samples)")
         task = get_task(args.task)
         flow.check_spec(task.spec, what=f"task {task.name!r}")
-        d = task.data(0, device=device)
+        d = task.data(data_seed, device=device)
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(d.x_train.shape[0], generator=g)[: args.guidance_batch].to(device)
         gdata = (d.x_train[idx], d.y_train[idx], task.kind)
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise FloatingPointError("sampling produced NaN/inf weights; try more --steps or a smaller --guidance")
     seconds = time.perf_counter() - t0
     zoo = Zoo.from_params(args.task or flow.config.task, flow.spec, {k: v.cpu() for k, v in params.items()},
+                          seeds={"seed": args.seed, "data_seed": data_seed},
                           info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
                                 "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
                                             "noise_window": list(cfg.noise_window), "guidance": cfg.guidance,

@@ -46,8 +46,10 @@ def batch_metrics(
     return {k: torch.cat(v) for k, v in outs.items()}
 
 
-def evaluate_zoo(task, zoo, *, split: str = "test", data_seed: int = 0, device=None) -> dict:
+def evaluate_zoo(task, zoo, *, split: str = "test", data_seed: int | None = None, device=None) -> dict:
     """Mean ± std of per-network metrics of a zoo-format population on ``task``'s ``split``.
+
+    ``data_seed``: the train/val/test split (default: the one the zoo records, :attr:`Zoo.data_seed`).
 
     Returns ``n``, ``accuracy_mean/std``, ``nll_mean/std`` (classification) or ``mse_mean/std`` (regression).
     """
@@ -61,6 +63,7 @@ def evaluate_zoo(task, zoo, *, split: str = "test", data_seed: int = 0, device=N
         )
     if task.kind == "synthetic":
         raise ValueError(f"task {task.name!r} is a synthetic weight family with no data to evaluate on")
+    data_seed = zoo.data_seed if data_seed is None else int(data_seed)
     x, y = task.data(data_seed, device=device).split(split)
     params = {k: v.to(x.device, x.dtype) for k, v in zoo.params.items()}
     for k, v in params.items():
@@ -68,7 +71,7 @@ def evaluate_zoo(task, zoo, *, split: str = "test", data_seed: int = 0, device=N
             raise ValueError(f"parameter {k!r} contains NaN/inf values; the weights are unusable")
     m = batch_metrics(task.spec, params, x, y, task.kind)
     rename = {"loss": "nll", "accuracy": "accuracy", "mse": "mse"}
-    out: dict = {"task": task.name, "split": split, "n": len(zoo)}
+    out: dict = {"task": task.name, "split": split, "data_seed": data_seed, "n": len(zoo)}
     for k, v in m.items():
         out[f"{rename[k]}_mean"] = float(v.mean())
         out[f"{rename[k]}_std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0

@@ -71,6 +71,7 @@ def compare_flows(
         t_sample = time.perf_counter() - t0
         params = res.flow.decode(x)
         s_zoo = Zoo.from_params(task.name, zoo.spec, {k: v.detach().cpu() for k, v in params.items()},
+                                seeds={"seed": seed, "data_seed": zoo.data_seed},  # the zoo's split
                                 info={"source": "flow", "flow": run.label})
         if folder is not None:
             s_zoo.save(folder / "samples.safetensors")

@@ -276,7 +276,7 @@ class _Report:
             "zoo": cfg.seed, "held_out_networks": cfg.seed + 1, "flow_training": cfg.seed,
             "sampling": f"torch.Generator seeded {cfg.seed}*1000 + offset (100 samples, 200 steps sweep, "
                         "300 guidance, 400 noise, 500 baselines, 600 likelihood, 700 BMA orderings)",
-            "data_split": int(self.zoo.seeds.get("data_seed", 0)),
+            "data_split": self.zoo.data_seed,
         }
         atomic_write_json(self.out / "results.json", _jsonable(self.results))
         atomic_write_text(self.out / "README.md", self._markdown(seconds))
@@ -310,7 +310,7 @@ class _Report:
                           f"--seed {cfg.seed}`), saved as `zoo.safetensors`")
         self.zoo = zoo
         self.final = zoo.final()
-        data = task.data(int(zoo.seeds.get("data_seed", 0)))
+        data = task.data(zoo.data_seed)
         self.x_tr, self.y_tr = data.split("train")
         self.x_val, self.y_val = data.split("val")
         self.x_te, self.y_te = data.split("test")
@@ -417,7 +417,7 @@ class _Report:
         from metaflow_ws.evaluation import bma_curve, full_metrics, functional_diversity
         from metaflow_ws.evaluation import novelty as novelty_fn
 
-        m = full_metrics(self.task, params, "test", data_seed=int(self.zoo.seeds.get("data_seed", 0)))
+        m = full_metrics(self.task, params, "test", data_seed=self.zoo.data_seed)
         n = self.spec.batch_size(params)
         row: dict[str, Any] = {"n": n}
         for k, v in m.items():
@@ -831,7 +831,8 @@ def _matches(folder: Path, fcfg, tcfg, zoo: Zoo) -> bool:
     want = fcfg.to_dict()
     stored.pop("aligned", None)
     want.pop("aligned", None)
-    if stored != want or meta.get("zoo_task") != zoo.task or meta.get("zoo_checkpoints") != len(zoo):
+    if (stored != want or meta.get("zoo_task") != zoo.task or meta.get("zoo_checkpoints") != len(zoo)
+            or meta.get("zoo_data_seed", 0) != zoo.data_seed):
         return False
     train = meta.get("train", {})
     want_train = json.loads(json.dumps(dataclasses.asdict(tcfg)))

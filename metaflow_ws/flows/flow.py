@@ -140,6 +140,9 @@ class WeightFlow(nn.Module):
         from metaflow_ws.models import RelationalTransformer, SetEncoder, SetEncoderConfig
 
         self.config = config
+        #: what ``save_pretrained(extra=...)`` stored beside the config (training settings, the zoo's task and
+        #: split ``zoo_data_seed``, ...); filled by :meth:`from_pretrained`
+        self.meta: dict[str, Any] = {}
         self.coords = WeightCoordinates(config.spec, config.flow)
         self.field = RelationalTransformer(
             config.spec,
@@ -392,6 +395,7 @@ class WeightFlow(nn.Module):
         except SafetensorError as e:
             raise FlowFormatError(f"{w_path} is corrupt or truncated ({e}); retrain or restore it") from e
         flow = cls(config)
+        flow.meta = {k: v for k, v in meta.items() if k != "config"}
         missing, unexpected = flow.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise FlowFormatError(f"{w_path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -323,7 +323,8 @@ def train_flow(
                          steps_per_second=(train.steps - start) / max(seconds_loop, 1e-9), resumed_from=start)
     if out is not None:
         flow.save_pretrained(out, extra={"train": dataclasses.asdict(train), "zoo_task": zoo.task,
-                                         "zoo_checkpoints": len(zoo), "final_loss": result.final_loss,
+                                         "zoo_checkpoints": len(zoo), "zoo_data_seed": zoo.data_seed,
+                                         "final_loss": result.final_loss,
                                          "seconds": result.seconds})
     return result
 

@@ -63,6 +63,12 @@ class Zoo:
     def num_runs(self) -> int:
         return int(torch.unique(self.run_id).numel())
 
+    @property
+    def data_seed(self) -> int:
+        """Seed of the train/val/test split the networks were trained on (``seeds["data_seed"]``; 0 if unknown):
+        score them on this split's test set, whose points they never saw."""
+        return int(self.seeds.get("data_seed", 0))
+
     def flat(self) -> Tensor:
         """``[C, D]`` flat weights."""
         return self.spec.flatten(self.params)

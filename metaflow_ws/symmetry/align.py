@@ -368,7 +368,7 @@ def _task_probe(zoo: Zoo) -> Tensor:
     if task.spec != zoo.spec:
         raise ValueError(f"the zoo holds {zoo.spec.describe()} networks but task {task.name!r} uses "
                          f"{task.spec.describe()}; pass probe=")
-    return task.data(int(zoo.seeds.get("data_seed", 0))).x_train
+    return task.data(zoo.data_seed).x_train
 
 
 def align_zoo(

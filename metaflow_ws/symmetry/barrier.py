@@ -252,7 +252,7 @@ def zoo_barrier(
     if align_to not in ("pair", "reference"):
         raise ValueError(f"align_to must be 'pair' or 'reference'; got {align_to!r}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    data_seed = int(zoo.seeds.get("data_seed", 0)) if data_seed is None else int(data_seed)
+    data_seed = zoo.data_seed if data_seed is None else int(data_seed)
     final = zoo.final()
     r = len(final)
     if r < 2:

@@ -167,7 +167,7 @@ def family_support(zoo: Zoo, split: str = "train"):  # noqa: ANN201 - SupportSet
                          "or train_family()")
     task = get_task(fam["base_task"], **{k: v for k, v in zoo.task_args.items() if k != fam["member_arg"]})
     members = family_members(task, fam["members"], fam["member_arg"])
-    x, y, _ = family_data(members, split, int(zoo.seeds.get("data_seed", 0)))
+    x, y, _ = family_data(members, split, zoo.data_seed)
     kind = task.kind
     if kind == "classification":
         y = torch.nn.functional.one_hot(y, task.spec.out_features).float()
