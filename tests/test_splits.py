@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -29,6 +30,10 @@ def test_splits_differ_and_each_row_is_scored_on_its_own_split(tmp_path):
     assert res["splits"][1]["trained"]["accuracy_mean"] == pytest.approx(float(ref["accuracy"].mean()), abs=1e-6)
     assert res["splits"][1]["trained"]["nll_mean"] == pytest.approx(float(ref["nll"].double().mean()), rel=1e-5)
     assert (tmp_path / "flows" / "seed3" / "flow.safetensors").exists()
+    # --resume reloads the finished flows: the same samples, no step retrained
+    again = run_splits(dataclasses.replace(cfg, resume=True), tmp_path, log=lambda s: None)
+    assert [r["resumed_from"] for r in again["splits"]] == [3, 3]
+    assert [r["flow"] for r in again["splits"]] == [r["flow"] for r in res["splits"]]
     for r in res["splits"]:
         assert 0.0 <= r["flow"]["accuracy_mean"] <= 1.0 and r["flow"]["nll_mean"] > 0
 

@@ -19,7 +19,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 
 from metaflow_ws.evaluation.calibration import full_metrics
 from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, default_prior_std, sample, train_flow
+from metaflow_ws.flows.train import CHECKPOINT
 from metaflow_ws.io.atomic import atomic_write_json, atomic_write_text
 from metaflow_ws.tasks.registry import get_task
 from metaflow_ws.train import train_population
@@ -53,6 +54,8 @@ class SplitsConfig:
     sample_steps: int = 64
     seed: int = 0
     compile: bool = False
+    #: continue each split's flow from its checkpoint in ``out/flows/seed<S>`` (finished flows are reloaded)
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if not self.data_seeds or len(set(self.data_seeds)) != len(self.data_seeds):
@@ -71,7 +74,7 @@ def _stats(m: dict[str, torch.Tensor], kind: str) -> dict[str, float]:
 
 
 def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.device | None = None,
-               log=print) -> dict[str, Any]:
+               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Zoo → flow → samples on every split of ``cfg.data_seeds``; flows are kept in ``out/flows/seed<S>``."""
     device = device or torch.device("cpu")
     task = get_task(cfg.task)
@@ -84,7 +87,9 @@ def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.devi
         fc = FlowConfig(flow=cfg.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
                         prior_std=default_prior_std(zoo), d_model=cfg.d_model, num_layers=cfg.num_layers)
         tc = TrainConfig(steps=cfg.steps, coupling=cfg.coupling, align=True, seed=cfg.seed, compile=cfg.compile)
-        res = train_flow(zoo, fc, tc, out / "flows" / f"seed{ds}" if out is not None else None, device=device)
+        folder = out / "flows" / f"seed{ds}" if out is not None else None
+        resume = cfg.resume and folder is not None and (folder / CHECKPOINT).is_file()
+        res = train_flow(zoo, fc, tc, folder, resume=resume, device=device)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         x = sample(res.flow, cfg.samples, SampleConfig(steps=cfg.sample_steps), generator=gen)
         params = {k: v.detach() for k, v in res.flow.decode(x).items()}
@@ -92,7 +97,8 @@ def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.devi
         flow = _stats(full_metrics(task, params, "test", data_seed=ds, device=device), task.kind)
         n_test = int(task.data(ds).split("test")[1].shape[0])
         row = {"data_seed": ds, "test_points": n_test, "trained": trained, "flow": flow,
-               "flow_seconds": round(res.seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
+               "flow_seconds": round(res.seconds, 1), "resumed_from": res.resumed_from,
+               "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         key = "accuracy_mean" if "accuracy_mean" in flow else "mse_mean"
         log(f"split {ds}: trained {trained[key]:.4f}, {cfg.flow} flow {flow[key]:.4f} ({row['seconds']:.0f} s)")
@@ -179,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="zoo epochs (default: the recipe's)")
     p.add_argument("-n", "--samples", type=int, default=100)
     p.add_argument("--compile", action="store_true", help="train the flows through torch.compile")
+    p.add_argument("--resume", action="store_true",
+                   help="continue every split's flow from its checkpoint in OUT/flows/seed<S> (after an interruption)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--rerender", action="store_true",
@@ -202,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_task(args.task)
         cfg = SplitsConfig(task=args.task, data_seeds=tuple(args.data_seeds), flow=args.flow, steps=args.steps,
                            d_model=args.d_model, num_layers=args.layers, runs=args.runs, epochs=args.epochs,
-                           samples=args.samples, seed=args.seed, compile=args.compile)
+                           samples=args.samples, seed=args.seed, compile=args.compile,
+                           resume=args.resume)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
