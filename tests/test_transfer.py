@@ -220,3 +220,20 @@ def test_mnist1d_pair_follows_the_task_unless_overridden():
     wide = _pairs(TransferConfig.from_preset("full", mnist1d_widths=(40, 32, 10), mnist1d_zoo_runs=7))[1]
     assert wide.source.spec == NetworkSpec((40, 32, 10)) == wide.target.spec and wide.zoo_runs == 7
     assert len(_pairs(TransferConfig.from_preset("full", mnist1d=False))) == 1
+
+
+def test_findings_say_when_the_chosen_cell_is_on_the_edge_of_the_grid():
+    from metaflow_ws.experiments.transfer import _grid_edge
+
+    def row(lam, steps, method="flow", normalized=True):
+        return {"method": method, "guidance": lam, "steps": steps, "normalized": normalized}
+
+    sweep = [row(lam, st) for st in (32, 512) for lam in (0.0, 3.0, 30.0)]
+    sweep += [row(100.0, 512, normalized=False), row(300.0, 512, method="guidance only")]  # not the flow grid
+    tt = {"sweep": sweep, "best_guided": row(30.0, 512)}
+    assert _grid_edge(tt) == ["λ=30 is the largest swept", "512 steps the most"]
+    assert _grid_edge({**tt, "best_guided": row(3.0, 512)}) == ["512 steps the most"]
+    assert _grid_edge({**tt, "best_guided": row(3.0, 32)}) == []
+    # a grid with one step count has no steps edge to report
+    one = {"sweep": [row(lam, 64) for lam in (3.0, 30.0)], "best_guided": row(30.0, 64)}
+    assert _grid_edge(one) == ["λ=30 is the largest swept"]

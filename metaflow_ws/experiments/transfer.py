@@ -746,6 +746,18 @@ def markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+def _grid_edge(tt: dict[str, Any]) -> list[str]:
+    """Which maxima of the guided flow grid (λ, steps) the chosen cell sits on (phrases for the findings)."""
+    grid = [r for r in tt["sweep"] if r["method"] == "flow" and r["normalized"] and r["guidance"] > 0]
+    b = tt["best_guided"]
+    edge = []
+    if len({r["guidance"] for r in grid}) > 1 and b["guidance"] == max(r["guidance"] for r in grid):
+        edge.append(f"λ={b['guidance']:g} is the largest swept")
+    if len({r["steps"] for r in grid}) > 1 and b["steps"] == max(r["steps"] for r in grid):
+        edge.append(f"{b['steps']} steps the most")
+    return edge
+
+
 def _findings(res: dict[str, Any]) -> list[str]:
     out = []
     for tt in res["task_transfer"]:
@@ -758,6 +770,13 @@ def _findings(res: dict[str, Any]) -> list[str]:
             out.append(f"{tt['source']} → {tt['target']}: the flow {verdict} guidance alone — best guided "
                        f"{b['accuracy_mean']:.3f} (λ={b['guidance']:g}, {b['steps']} steps) vs guidance only "
                        f"{o['accuracy_mean']:.3f} (λ={o['guidance']:g}, {o['steps']} steps), both chosen on validation.")
+        if "best_guided" in tt:
+            edge = _grid_edge(tt)
+            if edge:
+                pre = "mnist1d_" if tt["key"] == "mnist1d" else ""
+                out.append(f"{tt['source']} → {tt['target']}: the chosen cell lies on the edge of the swept grid "
+                           f"({' and '.join(edge)}); a wider sweep (`TransferConfig.{pre}guidance`, "
+                           f"`{pre}sample_steps`) may find a better one.")
     for row in res["architecture_transfer"]["rows"]:
         if row["transferred"]:
             out.append(f"{row['architecture']}: unguided {row['unguided']['accuracy_mean']:.3f}, guided "
