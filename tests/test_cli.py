@@ -97,7 +97,8 @@ def test_the_split_travels_from_zoo_to_flow_to_samples_to_evaluate(capsys, tmp_p
     flow = tmp_path / "flow"
     assert main(["train", "--zoo", str(zoo), "--flow", "euclidean", "--steps", "2", "--batch-size", "4",
                  "--d-model", "8", "--layers", "1", "--out", str(flow), "--json"]) == 0
-    assert WeightFlow.from_pretrained(flow).meta["zoo_data_seed"] == 3
+    loaded = WeightFlow.from_pretrained(flow)
+    assert loaded.meta["zoo_data_seed"] == 3 and loaded.meta["zoo_task"] == "breast_cancer"
     assert main(["sample", "--flow", str(flow), "-n", "2", "--steps", "2", "--out", str(tmp_path / "s.safetensors"),
                  "--json"]) == 0
     assert Zoo.load(tmp_path / "s.safetensors").data_seed == 3

@@ -141,7 +141,7 @@ class WeightFlow(nn.Module):
 
         self.config = config
         #: what ``save_pretrained(extra=...)`` stored beside the config (training settings, the zoo's task and
-        #: split ``zoo_data_seed``, ...); filled by :meth:`from_pretrained`
+        #: split ``zoo_data_seed``, ...); filled by :func:`train_flow` and :meth:`from_pretrained`
         self.meta: dict[str, Any] = {}
         self.coords = WeightCoordinates(config.spec, config.flow)
         self.field = RelationalTransformer(

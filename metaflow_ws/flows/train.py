@@ -321,11 +321,10 @@ def train_flow(
     flow.eval()
     result = TrainResult(flow=flow, losses=losses, seconds=time.perf_counter() - t_start,
                          steps_per_second=(train.steps - start) / max(seconds_loop, 1e-9), resumed_from=start)
+    flow.meta = {"train": dataclasses.asdict(train), "zoo_task": zoo.task, "zoo_checkpoints": len(zoo),
+                 "zoo_data_seed": zoo.data_seed, "final_loss": result.final_loss, "seconds": result.seconds}
     if out is not None:
-        flow.save_pretrained(out, extra={"train": dataclasses.asdict(train), "zoo_task": zoo.task,
-                                         "zoo_checkpoints": len(zoo), "zoo_data_seed": zoo.data_seed,
-                                         "final_loss": result.final_loss,
-                                         "seconds": result.seconds})
+        flow.save_pretrained(out, extra=flow.meta)
     return result
 
 
