@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from metaflow_ws.evaluation.calibration import full_metrics
+from metaflow_ws.evaluation.metrics import evaluate_zoo
 from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, default_prior_std, sample, train_flow
 from metaflow_ws.flows.train import CHECKPOINT
 from metaflow_ws.io.atomic import atomic_write_json, atomic_write_text
+from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.tasks.registry import get_task
 from metaflow_ws.train import train_population
 
@@ -64,15 +65,6 @@ class SplitsConfig:
             raise ValueError("steps, samples and sample_steps must be ≥ 1")
 
 
-def _stats(m: dict[str, torch.Tensor], kind: str) -> dict[str, float]:
-    keys = ("accuracy", "nll") if kind == "classification" else ("mse",)
-    out: dict[str, float] = {}
-    for k in keys:
-        v = m[k].double()
-        out[f"{k}_mean"], out[f"{k}_std"] = float(v.mean()), float(v.std(unbiased=False))
-    return out
-
-
 def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.device | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Zoo → flow → samples on every split of ``cfg.data_seeds``; flows are kept in ``out/flows/seed<S>``."""
@@ -92,9 +84,10 @@ def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.devi
         res = train_flow(zoo, fc, tc, folder, resume=resume, device=device)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         x = sample(res.flow, cfg.samples, SampleConfig(steps=cfg.sample_steps), generator=gen)
-        params = {k: v.detach() for k, v in res.flow.decode(x).items()}
-        trained = _stats(full_metrics(task, zoo.final(), "test", data_seed=ds, device=device), task.kind)
-        flow = _stats(full_metrics(task, params, "test", data_seed=ds, device=device), task.kind)
+        samples = Zoo.from_params(task.name, zoo.spec, {k: v.detach() for k, v in res.flow.decode(x).items()},
+                                  seeds={"seed": cfg.seed + 1, "data_seed": ds})
+        trained = evaluate_zoo(task, zoo.final(), device=device)  # both on split ds (the zoos record it)
+        flow = evaluate_zoo(task, samples, device=device)
         n_test = int(task.data(ds).split("test")[1].shape[0])
         row = {"data_seed": ds, "test_points": n_test, "trained": trained, "flow": flow,
                "flow_seconds": round(res.seconds, 1), "resumed_from": res.resumed_from,
