@@ -75,7 +75,7 @@ def test_report_reuses_matching_flows(tiny_report):
 def test_reuse_needs_a_matching_configuration(tiny_report):
     import dataclasses
 
-    from metaflow_ws.experiments.report import _matches
+    from metaflow_ws.flows.train import saved_flow_matches as _matches
     from metaflow_ws.flows import FlowConfig, TrainConfig
     from metaflow_ws.io import Zoo
 

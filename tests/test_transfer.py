@@ -151,6 +151,17 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     assert data["config"]["coupling"] == "ot-perm" and "coupling ot-perm" in text
     assert (data["config"]["d_model"], data["config"]["num_layers"]) == (8, 2) and "RT d=8 × 2" in text
     assert data["config"]["precision"] == "bf16"
+    assert not any(s["flow_reused"] for s in data["sources"].values())
+    # --reuse loads the saved source flow instead of retraining it: the same flow, so the same sweep
+    capsys.readouterr()
+    assert main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu", "--layers", "2",
+                 "--precision", "bf16", "--reuse"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert all(s["flow_reused"] for s in again["sources"].values())
+    assert again["sources"]["digits"]["flow_seconds"] == data["sources"]["digits"]["flow_seconds"]
+    for a, b in zip(data["task_transfer"][0]["sweep"], again["task_transfer"][0]["sweep"], strict=True):
+        assert a["accuracy_mean"] == pytest.approx(b["accuracy_mean"], abs=1e-6)
+    assert "| yes |" in (out / "README.md").read_text()
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--coupling", "nope"]) == 2
     assert "unknown coupling 'nope'" in capsys.readouterr().err
 

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=None, help="width of the source flows' vector field")
     p.add_argument("--layers", type=int, default=None, help="layers of the source flows' vector field")
     add_speed_options(p, "train the source flows")
+    p.add_argument("--reuse", action="store_true",
+                   help="load the source flows an earlier run saved in OUT/flows when their configuration and zoo "
+                        "match, instead of retraining them")
     p.add_argument("--no-mnist1d", action="store_true", help="skip the mnist1d -> shuffled mnist1d transfer")
     add_common(p)
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                    "coupling": args.coupling, "d_model": args.d_model,
                                    "num_layers": args.layers}.items()
                  if v is not None}
-    overrides |= {"compile": args.compile, "precision": args.precision}
+    overrides |= {"compile": args.compile, "precision": args.precision, "reuse": args.reuse}
     if args.no_mnist1d:
         overrides["mnist1d"] = False
     cfg = TransferConfig.from_preset(preset, seed=args.seed, **overrides)

@@ -364,6 +364,7 @@ class _Report:
 
     def _flow(self, run: FlowRun, steps: int, folder: Path):
         from metaflow_ws.flows import FlowConfig, TrainConfig, WeightFlow, default_prior_std, train_flow
+        from metaflow_ws.flows.train import saved_flow_matches
 
         cfg, zoo = self.cfg, self.zoo
         fcfg = FlowConfig(flow=run.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
@@ -373,7 +374,7 @@ class _Report:
                            seed=cfg.seed, compile=cfg.compile, precision=cfg.precision)
         info: dict[str, Any] = {"label": run.label, "flow": run.flow, "coupling": run.coupling, "aligned": run.align,
                                 "steps": steps, "folder": _rel(folder, self.out)}
-        if cfg.reuse and _matches(folder, fcfg, tcfg, zoo):
+        if cfg.reuse and saved_flow_matches(folder, fcfg, tcfg, zoo):
             flow = WeightFlow.from_pretrained(folder, device=self.device)
             meta = json.loads((folder / "config.json").read_text())
             info.update(reused=True, train_seconds=meta.get("seconds"), final_loss=meta.get("final_loss"))
@@ -816,32 +817,6 @@ class _Report:
 
 
 # ============================================================================================== utilities
-def _matches(folder: Path, fcfg, tcfg, zoo: Zoo) -> bool:
-    """Whether ``folder`` holds a flow trained with these configs on a zoo like ``zoo``."""
-    from metaflow_ws.flows import FlowConfig
-
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file() or not (folder / "flow.safetensors").is_file():
-        return False
-    try:
-        meta = json.loads(cfg_path.read_text())
-        stored = FlowConfig.from_dict(meta["config"]).to_dict()
-    except (ValueError, KeyError, TypeError):
-        return False
-    want = fcfg.to_dict()
-    stored.pop("aligned", None)
-    want.pop("aligned", None)
-    if (stored != want or meta.get("zoo_task") != zoo.task or meta.get("zoo_checkpoints") != len(zoo)
-            or meta.get("zoo_data_seed", 0) != zoo.data_seed):
-        return False
-    train = meta.get("train", {})
-    want_train = json.loads(json.dumps(dataclasses.asdict(tcfg)))
-    for key in ("steps", "batch_size", "lr", "coupling", "align", "seed"):
-        if key not in train:
-            return False
-    return all(train[k] == v for k, v in want_train.items() if k in train and k != "compile")  # compile: speed only
-
-
 def _columns(vals: Sequence[dict[str, float]]) -> dict[str, list[float]]:
     return {k: [v[k] for v in vals] for k in vals[0]}
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from metaflow_ws.evaluation.metrics import batch_metrics
 from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, WeightFlow, sample, train_flow
 from metaflow_ws.flows.sampling import guidance_gradient
+from metaflow_ws.flows.train import saved_flow_matches
 from metaflow_ws.init import Support, balance_scales, candidate_gradients
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.nets.spec import NetworkSpec, Params
@@ -61,6 +62,9 @@ class TransferConfig:
     compile: bool = False
     #: precision of the field while training the source flows (``TrainConfig.precision``)
     precision: str = "fp32"
+    #: load the source flows saved in ``OUT/flows/`` by an earlier run when their configuration, training
+    #: settings and zoo match (``saved_flow_matches``), instead of retraining them
+    reuse: bool = False
     # (a) digits -> digits_permuted
     zoo_runs: int = 50
     zoo_epochs: int | None = None  # None: the task recipe's
@@ -256,15 +260,22 @@ def _train_source_flow(pair: _Pair, cfg: TransferConfig, out: Path | None, devic
     tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling=cfg.coupling, align=True, compile=cfg.compile,
                      precision=cfg.precision)
     folder = out / "flows" / pair.key if out is not None else None
-    res = train_flow(zoo, fc, tc, folder, device=device)
-    log(f"  {cfg.flow} flow on {pair.source.name}: {pair.flow_steps} steps in {res.seconds:.0f}s "
-        f"(loss {res.final_loss:.3f})")
+    zoo_seconds = time.perf_counter() - t0
+    if cfg.reuse and folder is not None and saved_flow_matches(folder, fc, tc, zoo):
+        flow = WeightFlow.from_pretrained(folder, device=device).eval()
+        seconds, final_loss, reused = float(flow.meta.get("seconds", 0.0)), flow.meta.get("final_loss"), True
+        log(f"  reusing the {cfg.flow} flow in {folder} (trained {seconds:.0f}s, loss {final_loss:.3f})")
+    else:
+        res = train_flow(zoo, fc, tc, folder, device=device)
+        flow, seconds, final_loss, reused = res.flow, res.seconds, res.final_loss, False
+        log(f"  {cfg.flow} flow on {pair.source.name}: {pair.flow_steps} steps in {seconds:.0f}s "
+            f"(loss {final_loss:.3f})")
     info = {"zoo_runs": pair.zoo_runs, "zoo_checkpoints": len(zoo), "zoo_epochs": pair.zoo_epochs or rec.epochs,
-            "zoo_seconds": round(time.perf_counter() - t0 - res.seconds, 1),
-            "zoo_final": _summary(zoo_acc), "flow_steps": pair.flow_steps, "flow_seconds": round(res.seconds, 1),
-            "flow_final_loss": res.final_loss, "flow_params": sum(p.numel() for p in res.flow.field.parameters()),
+            "zoo_seconds": round(zoo_seconds, 1), "zoo_final": _summary(zoo_acc), "flow_steps": pair.flow_steps,
+            "flow_seconds": round(seconds, 1), "flow_final_loss": final_loss, "flow_reused": reused,
+            "flow_params": sum(p.numel() for p in flow.field.parameters()),
             "flow_folder": str(folder) if folder is not None else None}
-    return res.flow, info
+    return flow, info
 
 
 # ------------------------------------------------------------------------------------------ (a) task transfer
@@ -670,15 +681,16 @@ def markdown(res: dict[str, Any], command: str) -> str:
     for g in res["goals"]:
         lines.append(f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**no**'} |")
     lines += ["", "## Findings (computed from the tables below)", ""] + [f"- {f}" for f in _findings(res)]
-    lines += ["", "## Source flows", "", "| source | zoo | zoo final test acc | flow | steps | train s |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Source flows", "", "Train s: as recorded when the flow was trained; *reused*: loaded from "
+              "`flows/` by `--reuse` (an earlier run of the same configuration on the same zoo).", "",
+              "| source | zoo | zoo final test acc | flow | steps | train s | reused |", "|---|---|---|---|---|---|---|"]
     for tt in res["task_transfer"]:
         s = res["sources"][tt["key"]]
         lines.append(f"| {tt['source']} ({tt['architecture']}) | {s['zoo_runs']} runs × {s['zoo_epochs']} epochs, "
                      f"{s['zoo_checkpoints']} checkpoints | {_fmt(s['zoo_final']['accuracy_mean'], s['zoo_final']['accuracy_std'])} "
                      f"| {cfg['flow']}, RT d={cfg['d_model']} × {cfg['num_layers']} ({s['flow_params']} params), aligned, "
                      f"coupling {cfg.get('coupling', 'ot')} "
-                     f"| {s['flow_steps']} | {s['flow_seconds']:.0f} |")
+                     f"| {s['flow_steps']} | {s['flow_seconds']:.0f} | {'yes' if s.get('flow_reused') else 'no'} |")
     lines += ["", "## (a) Task transfer by guidance", "",
               "Guidance uses the target's whole training split; `normalized` scales each sample's guidance gradient "
               "to unit norm (`SampleConfig(guidance_normalize=True)`), `raw` is the thesis's form. *Guidance only* "

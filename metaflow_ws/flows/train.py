@@ -20,7 +20,8 @@ from metaflow_ws.flows.flow import PRECISIONS, FlowConfig, WeightFlow
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.io.zoo import Zoo
 
-__all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "flow_matching_loss", "query_loss", "train_flow"]
+__all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "flow_matching_loss", "query_loss", "saved_flow_matches",
+           "train_flow"]
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
@@ -326,6 +327,35 @@ def train_flow(
     if out is not None:
         flow.save_pretrained(out, extra=flow.meta)
     return result
+
+
+def saved_flow_matches(folder: str | Path, config: FlowConfig, train: TrainConfig, zoo: Zoo) -> bool:
+    """Whether ``folder`` holds a finished flow trained with ``config`` and ``train`` on a zoo like ``zoo`` (same
+    task, number of checkpoints and split), so that loading it gives what :func:`train_flow` would train.
+
+    ``aligned`` (set by training) and ``compile`` (speed only) are not compared; a folder trained before a
+    training setting was recorded does not match.
+    """
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file() or not (folder / "flow.safetensors").is_file():
+        return False
+    try:
+        meta = json.loads(cfg_path.read_text())
+        stored = FlowConfig.from_dict(meta["config"]).to_dict()
+    except (ValueError, KeyError, TypeError):
+        return False
+    want = config.to_dict()
+    stored.pop("aligned", None)
+    want.pop("aligned", None)
+    if (stored != want or meta.get("zoo_task") != zoo.task or meta.get("zoo_checkpoints") != len(zoo)
+            or meta.get("zoo_data_seed", 0) != zoo.data_seed):
+        return False
+    recorded = meta.get("train", {})
+    want_train = json.loads(json.dumps(dataclasses.asdict(train)))
+    if any(key not in recorded for key in ("steps", "batch_size", "lr", "coupling", "align", "seed")):
+        return False
+    return all(recorded[k] == v for k, v in want_train.items() if k in recorded and k != "compile")
 
 
 def _tail_mean(losses: list[float], k: int = 100) -> float | None:
