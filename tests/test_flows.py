@@ -234,12 +234,13 @@ def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["n"] == 5 and 0 <= ev["accuracy_mean"] <= 1
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--steps", "2", "--guidance", "0.5",
-                 "--guidance-normalize", "--task", "breast_cancer", "--precision", "bf16",
+                 "--guidance-normalize", "--guidance-at", "x1", "--task", "breast_cancer", "--precision", "bf16",
                  "--out", str(tmp_path / "g.safetensors")]) == 0
     from metaflow_ws.io import Zoo
 
     info = Zoo.load(tmp_path / "g.safetensors").info
     assert info["sampler"]["guidance"] == 0.5 and info["sampler"]["guidance_normalize"] is True
+    assert info["sampler"]["guidance_at"] == "x1"
     assert info["precision"] == "bf16" and info["compiled"] is False
     # a flow used on a task of another architecture is a clear error
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--guidance", "0.1", "--task", "digits",

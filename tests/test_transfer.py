@@ -184,6 +184,41 @@ def test_normalized_guidance_steps_have_length_lambda_dt_and_lower_the_loss(flow
     assert (loss[1] < loss[0]).all()
 
 
+@pytest.mark.parametrize("at", ["x", "x1"])
+def test_guidance_at_takes_the_gradient_at_x_t_or_at_the_prediction(flows, monkeypatch, at):
+    """One Euler step from t = 0 with x̂1 fixed to a network c lands at c − λ·ĝ, where ĝ is the unit task-loss
+    gradient at x0 (``guidance_at="x"``) or at c (``"x1"``): a closed form for each."""
+    from metaflow_ws import get_task
+    from metaflow_ws.flows.sampling import guidance_gradient
+
+    flow = flows["euclidean"]
+    x, y = get_task("breast_cancer").data(0).split("train")
+    x0, c = flow.sample_prior(4, generator=_gen(0)), flow.sample_prior(4, generator=_gen(1))
+    monkeypatch.setattr(flow, "predict_x1", lambda xt, t, cond=None: c)
+    out = sample(flow, 4, SampleConfig(steps=1, guidance=0.5, guidance_normalize=True, guidance_at=at), x0=x0,
+                 guidance_data=(x, y, "classification"))
+    g = guidance_gradient(flow, x0 if at == "x" else c, x, y, "classification")
+    torch.testing.assert_close(out, c - 0.5 * g / g.norm(dim=1, keepdim=True))
+    other = guidance_gradient(flow, c if at == "x" else x0, x, y, "classification")
+    assert (out - (c - 0.5 * other / other.norm(dim=1, keepdim=True))).abs().max() > 1e-3  # the other point differs
+
+
+def test_guidance_at_the_prediction_stays_on_the_manifold_and_lowers_the_loss(flows):
+    from metaflow_ws import get_task
+    from metaflow_ws.evaluation import batch_metrics
+
+    flow = flows["geometric"]
+    x, y = get_task("breast_cancer").data(0).split("train")
+    plain = sample(flow, 6, SampleConfig(steps=8), generator=_gen(0))
+    guided = sample(flow, 6, SampleConfig(steps=8, guidance=3.0, guidance_normalize=True, guidance_at="x1"),
+                    generator=_gen(0), guidance_data=(x, y, "classification"))
+    torch.testing.assert_close(flow.data_manifold.project(guided), guided)
+    loss = [batch_metrics(flow.spec, flow.decode(z), x, y, "classification")["loss"].mean() for z in (plain, guided)]
+    assert loss[1] < loss[0]
+    with pytest.raises(ValueError, match=r"unknown guidance point 'x0'; expected one of \['x', 'x1'\]"):
+        SampleConfig(guidance_at="x0")
+
+
 def test_learned_init_warm_states_are_what_warm_start_sets(flows):
     """The experiment's vmapped optimizer states (groups of k candidates) equal, group by group, the state
     `warm_start` writes into torch's Adam and SGD for the same candidates and minibatches."""

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=0.0, help="task-loss guidance strength λ (needs --task)")
     p.add_argument("--guidance-normalize", action="store_true",
                    help="scale each sample's guidance gradient to unit norm (λ becomes a speed in flow coordinates)")
+    p.add_argument("--guidance-at", choices=["x", "x1"], default="x",
+                   help="where the guidance gradient is taken: x, the current point x_t (default, the thesis's form); "
+                        "x1, the flow's prediction of the network the sample is heading for")
     p.add_argument("--task", default=None, help="task whose training loss guides sampling")
     p.add_argument("--guidance-batch", type=int, default=256, help="training points used for guidance")
     p.add_argument("--out", required=True, help="output zoo-format .safetensors file")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     flow = WeightFlow.from_pretrained(args.flow, device=device)
     data_seed = int(flow.meta.get("zoo_data_seed", 0))  # the split of the zoo the flow learned from
     cfg = SampleConfig(steps=args.steps, solver=args.solver, noise=args.noise, noise_window=tuple(args.noise_window),
-                       guidance=args.guidance, guidance_normalize=args.guidance_normalize)
+                       guidance=args.guidance, guidance_normalize=args.guidance_normalize,
+                       guidance_at=args.guidance_at)
     gdata = None
     if args.guidance > 0:
         if args.task is None:
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                           info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
                                 "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
                                             "noise_window": list(cfg.noise_window), "guidance": cfg.guidance,
-                                            "guidance_normalize": cfg.guidance_normalize},
+                                            "guidance_normalize": cfg.guidance_normalize,
+                                            "guidance_at": cfg.guidance_at},
                                 "seed": args.seed, "seconds": seconds, "compiled": args.compile,
                                 "precision": args.precision})
     zoo.save(args.out)

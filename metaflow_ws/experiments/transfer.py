@@ -2,7 +2,9 @@
 
 (a) **Task transfer by guidance.** A flow trained on a source zoo (``digits``; ``mnist1d``)
     is sampled with the loss gradients of a related target task (``digits_permuted``; ``mnist1d`` with shuffled
-    positions), sweeping the guidance strength λ × the number of sampling steps; next to it the networks trained
+    positions), sweeping the guidance strength λ × the number of sampling steps × where the gradient is taken
+    (at x_t, the thesis's form, or at the flow's prediction x̂1: ``SampleConfig.guidance_at``); next to it the
+    networks trained
     on the target (its recipe and Adam) and a *guidance-only* baseline: the same number of guidance steps from
     the same prior draws with the flow's velocity switched off (Riemannian gradient descent).
 (b) **Learned initialization.** Training on the held-out target task from flow samples (unguided, guided, best
@@ -76,6 +78,9 @@ class TransferConfig:
     guidance: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0)
     sample_steps: tuple[int, ...] = (32, 128, 256, 512)  # the thesis transfers with 512 Euler steps
     raw_guidance: tuple[float, ...] = (0.1, 1.0)  # thesis-style unnormalized gradients, at the largest steps
+    #: where the normalized guidance takes its gradient, each swept over the whole (λ, steps) grid of both pairs
+    #: (``SampleConfig.guidance_at``): "x", the current point x_t (the thesis's form); "x1", the flow's prediction
+    guidance_at: tuple[str, ...] = ("x", "x1")
     candidates: int = 8
     # (a) mnist1d -> shuffled mnist1d (the task's 40-10-10 networks and SGD recipe: the thesis's MNIST protocol)
     mnist1d: bool = True
@@ -109,6 +114,10 @@ class TransferConfig:
             raise ValueError(f"unknown coupling {self.coupling!r}; expected one of {list(COUPLINGS)}")
         if not self.sample_steps or min(self.sample_steps) < 1:
             raise ValueError(f"sample_steps must hold positive step counts; got {self.sample_steps}")
+        from metaflow_ws.flows.sampling import GUIDANCE_POINTS
+
+        if not self.guidance_at or any(a not in GUIDANCE_POINTS for a in self.guidance_at):
+            raise ValueError(f"guidance_at must name guidance points of {list(GUIDANCE_POINTS)}; got {self.guidance_at}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TransferConfig:
@@ -296,24 +305,25 @@ def task_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, device: to
     log("  trained on the target: " + ", ".join(f"{n} {v['accuracy_mean']:.3f}" for n, v in out["target_trained"].items()))
     rows: list[dict[str, Any]] = []
 
-    def cell(lam: float, steps: int, *, normalized: bool = True, no_flow: bool = False) -> dict[str, Any]:
-        sc = SampleConfig(steps=steps, guidance=lam, guidance_normalize=normalized)
+    def cell(lam: float, steps: int, *, normalized: bool = True, no_flow: bool = False, at: str = "x") -> dict[str, Any]:
+        sc = SampleConfig(steps=steps, guidance=lam, guidance_normalize=normalized, guidance_at=at)
         params, secs = _draw(flow, pair.samples, sc, support, cfg.seed, no_flow=no_flow)
         row = {"method": "guidance only" if no_flow else "flow", "guidance": lam, "steps": steps,
-               "normalized": normalized, **_evaluate_cell(flow, params, pair.target, k, device),
+               "normalized": normalized, "guidance_at": at, **_evaluate_cell(flow, params, pair.target, k, device),
                "seconds": round(secs, 2)}
         if lam == 0 and not no_flow and steps == steps_max:  # the same draws, scored on the source task
             out["source_unguided"] = {**_evaluate_cell(flow, params, pair.source, k, device), "steps": steps}
             log(f"  unguided samples on the source task: {out['source_unguided']['accuracy_mean']:.3f}")
         row["fraction_of_adam"] = row["accuracy_mean"] / adam
-        log(f"    {row['method']:<13} λ={lam:<5g} steps={steps:<4d}{'' if normalized else ' (raw)'}: "
+        log(f"    {_sampler(row):<16} λ={lam:<5g} steps={steps:<4d}: "
             f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} (best of {k}: {row[f'best_of_{k}_accuracy']:.3f}, "
             f"{secs:.1f}s)")
         return row
 
     for steps in pair.sample_steps:
         for lam in pair.guidance:
-            rows.append(cell(lam, steps))
+            for at in cfg.guidance_at if lam > 0 else ("x",):  # unguided: one cell, wherever the gradient would be
+                rows.append(cell(lam, steps, at=at))
     if 0.0 not in pair.guidance:
         rows.append(cell(0.0, steps_max))
     for lam in pair.raw_guidance:
@@ -326,6 +336,9 @@ def task_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, device: to
     if guided:
         best = max(guided, key=lambda r: r["val_accuracy_mean"])  # chosen on validation, reported on test
         out["best_guided"] = best
+        out["best_guided_at"] = {at: max((r for r in guided if r["guidance_at"] == at and r["normalized"]),
+                                         key=lambda r: r["val_accuracy_mean"])
+                                 for at in dict.fromkeys(r["guidance_at"] for r in guided if r["normalized"])}
         out["goal_fraction"] = best["accuracy_mean"] / adam
         out["goal_fraction_best_trained"] = best["accuracy_mean"] / best_trained
     if only:
@@ -405,7 +418,8 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
     task, spec, k, s = pair.target, flow.spec, cfg.candidates, cfg.init_seeds
     support = _support(task, device)
     g_steps = best["steps"] if best else max(pair.sample_steps)
-    sc_guided = SampleConfig(steps=g_steps, guidance=best["guidance"] if best else 0.0, guidance_normalize=True)
+    sc_guided = SampleConfig(steps=g_steps, guidance=best["guidance"] if best else 0.0, guidance_normalize=True,
+                             guidance_at=best.get("guidance_at", "x") if best else "x")
     t0 = time.perf_counter()
     inits: dict[str, Tensor] = {
         "PyTorch default (kaiming-uniform)": spec.flatten(spec.init(s, scheme="kaiming_uniform", generator=_gen(cfg.seed + 101))),
@@ -428,7 +442,7 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
         flat = spec.flatten(cand).view(s, k, -1)
         losses = batch_metrics(spec, cand, support.x, support.y, task.kind)["loss"].view(s, k)
         pick = losses.argmin(1)
-        label = f"flow + guidance (λ={best['guidance']:g}, {g_steps} steps)"
+        label = f"flow + guidance ({_cell_label(best)})"
         inits[label] = flat[:, 0]
         inits[f"{label}, best of {k}"] = flat[torch.arange(s), pick]
         raw_pick = spec.flatten(raw).view(s, k, -1)[torch.arange(s), pick]
@@ -498,9 +512,11 @@ def architecture_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, de
         f = flow.for_spec(spec)
         support = _support(task, device)
         row: dict[str, Any] = {"widths": list(w), "architecture": spec.describe(), "transferred": spec != flow.spec}
+        guided = {"x": "guided", "x1": "guided, ∇ at x̂1"}
         for name, sc, no_flow in [
             ("unguided", SampleConfig(steps=cfg.arch_steps), False),
-            ("guided", SampleConfig(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True), False),
+            *[(guided[at], SampleConfig(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True,
+                                        guidance_at=at), False) for at in cfg.guidance_at],
             ("guidance only", SampleConfig(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True),
              True),
         ]:
@@ -508,9 +524,7 @@ def architecture_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, de
             row[name] = {**_evaluate_cell(f, params, task, k, device), "seconds": round(secs, 2)}
         row["trained"] = _trained(task, cfg.target_runs, cfg.target_epochs, cfg.seed, device)
         rows.append(row)
-        log(f"    {spec.describe()}: unguided {row['unguided']['accuracy_mean']:.3f}, guided "
-            f"{row['guided']['accuracy_mean']:.3f}, guidance only {row['guidance only']['accuracy_mean']:.3f}, "
-            f"trained {row['trained']['accuracy_mean']:.3f}")
+        log(f"    {spec.describe()}: " + ", ".join(f"{n} {row[n]['accuracy_mean']:.3f}" for n in _arch_columns(row)))
     return {"source": pair.source.name, "flow_architecture": flow.spec.describe(), "guidance": cfg.arch_guidance,
             "steps": cfg.arch_steps, "samples": cfg.samples, "rows": rows,
             "depth": "not supported: the vector field's value maps, positional embeddings and readout heads are "
@@ -574,7 +588,7 @@ def _goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         b = tt["best_guided"]
         goals.append({"goal": f"guided transfer {tt['source']} → {tt['target']} ≥ 90 % of the Adam-trained accuracy",
                       "measured": f"{b['accuracy_mean']:.3f} / {adam:.3f} = {tt['goal_fraction']:.1%} "
-                                  f"(λ={b['guidance']:g}, {b['steps']} steps, chosen on validation)",
+                                  f"({_cell_label(b)}, chosen on validation)",
                       "met": tt["goal_fraction"] >= 0.9})
     li = res["learned_init"]
     for opt, r in li["optimizers"].items():
@@ -591,6 +605,25 @@ def _goals(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------- writing
+def _arch_columns(row: dict[str, Any]) -> list[str]:
+    """The populations of an architecture-transfer row, in table order."""
+    return [n for n in ("unguided", "guided", "guided, ∇ at x̂1", "guidance only", "trained") if n in row]
+
+
+def _sampler(row: dict[str, Any]) -> str:
+    """A sweep row's sampler: ``flow`` (gradient at x_t), ``flow, ∇ at x̂1``, ``... (raw)``, ``guidance only``."""
+    if row["method"] != "flow":
+        return row["method"]
+    name = "flow, ∇ at x̂1" if row.get("guidance_at", "x") == "x1" else "flow"
+    return name if row["normalized"] else f"{name} (raw)"
+
+
+def _cell_label(row: dict[str, Any]) -> str:
+    """``λ=30, 512 steps`` (``, ∇ at x̂1`` when the gradient is taken at the flow's prediction)."""
+    at = ", ∇ at x̂1" if row.get("guidance_at", "x") == "x1" else ""
+    return f"λ={row['guidance']:g}, {row['steps']} steps{at}"
+
+
 def _fmt(m: float, s: float | None = None) -> str:
     return f"{m:.3f}" if s is None else f"{m:.3f} ± {s:.3f}"
 
@@ -613,10 +646,16 @@ def _plots(res: dict[str, Any]) -> dict[str, bytes]:
     fig, axes = plt.subplots(1, len(tts), figsize=(5.5 * len(tts), 4), squeeze=False)
     for ax, tt in zip(axes[0], tts):
         rows = [r for r in tt["sweep"] if r["method"] == "flow" and r["normalized"]]
-        for steps in sorted({r["steps"] for r in rows}):
-            rs = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["guidance"])
-            ax.errorbar([r["guidance"] for r in rs], [r["accuracy_mean"] for r in rs],
-                        yerr=[r["accuracy_std"] for r in rs], marker="o", capsize=3, label=f"flow, {steps} steps")
+        for j, steps in enumerate(sorted({r["steps"] for r in rows})):
+            for at, style in (("x", "-"), ("x1", "--")):
+                # the unguided cell (λ = 0) starts both lines
+                rs = sorted((r for r in rows if r["steps"] == steps
+                             and (r["guidance"] == 0 or r.get("guidance_at", "x") == at)), key=lambda r: r["guidance"])
+                if not any(r["guidance"] > 0 for r in rs):
+                    continue
+                ax.errorbar([r["guidance"] for r in rs], [r["accuracy_mean"] for r in rs],
+                            yerr=[r["accuracy_std"] for r in rs], marker="o", capsize=3, ls=style, color=f"C{j}",
+                            label=f"flow, {steps} steps" + (", ∇ at x̂1" if at == "x1" else ""))
         only = sorted((r for r in tt["sweep"] if r["method"] == "guidance only"), key=lambda r: r["guidance"])
         if only:
             ax.plot([r["guidance"] for r in only], [r["accuracy_mean"] for r in only], "k--", marker="x",
@@ -652,7 +691,7 @@ def _plots(res: dict[str, Any]) -> dict[str, bytes]:
 
     at = res["architecture_transfer"]
     rows = at["rows"]
-    names = ["unguided", "guided", "guidance only", "trained"]
+    names = _arch_columns(rows[0])
     fig, ax = plt.subplots(figsize=(1.8 + 1.9 * len(rows), 4))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
@@ -693,7 +732,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
                      f"| {s['flow_steps']} | {s['flow_seconds']:.0f} | {'yes' if s.get('flow_reused') else 'no'} |")
     lines += ["", "## (a) Task transfer by guidance", "",
               "Guidance uses the target's whole training split; `normalized` scales each sample's guidance gradient "
-              "to unit norm (`SampleConfig(guidance_normalize=True)`), `raw` is the thesis's form. *Guidance only* "
+              "to unit norm (`SampleConfig(guidance_normalize=True)`), `raw` is the thesis's form. *flow* takes the "
+              "gradient at the current point x_t (the thesis's form), *flow, ∇ at x̂1* at the flow's prediction "
+              "x̂1(x_t, t) of the network the sample is heading for (`SampleConfig(guidance_at=\"x1\")`). *Guidance only* "
               "takes the same prior draws and the same guidance steps with the flow's velocity switched off. "
               f"Best of {k}: the lowest-training-loss sample in each group of {k} (what `init_(..., candidates={k})` "
               "picks).", "", "![guidance sweep](guidance_sweep.png)", ""]
@@ -707,8 +748,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
                   f"| sampler | λ | steps | test acc | best of {k} | val acc | vs Adam-trained | s |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in tt["sweep"]:
-            kind = r["method"] + ("" if r["normalized"] else " (raw)")
-            lines.append(f"| {kind} | {r['guidance']:g} | {r['steps']} | {_fmt(r['accuracy_mean'], r['accuracy_std'])} "
+            lines.append(f"| {_sampler(r)} | {r['guidance']:g} | {r['steps']} | {_fmt(r['accuracy_mean'], r['accuracy_std'])} "
                          f"| {r[f'best_of_{k}_accuracy']:.3f} | {r['val_accuracy_mean']:.3f} | "
                          f"{r['fraction_of_adam']:.0%} | {r['seconds']:.1f} |")
         lines.append("")
@@ -738,20 +778,19 @@ def markdown(res: dict[str, Any], command: str) -> str:
                          f"| {st['0.8'] if st['0.8'] is not None else 'never'} | {st['0.9'] if st['0.9'] is not None else 'never'} |")
         lines.append("")
     at = res["architecture_transfer"]
+    cols = _arch_columns(at["rows"][0])
+    best_cols = [n for n in cols if n.startswith("guided")]
     lines += ["## (c) Architecture transfer", "",
               f"The {at['flow_architecture']} flow of `{at['source']}` samples other hidden widths with "
               f"`flow.for_spec(spec)` ({at['samples']} samples, {at['steps']} steps; guided: λ={at['guidance']:g}, "
               f"normalized, on the training split). Trained: the task recipe at that width. Depth: {at['depth']}.",
               "", "![architecture transfer](architecture_transfer.png)", "",
-              f"| architecture | unguided | guided | best of {k} (guided) | guidance only | trained |",
-              "|---|---|---|---|---|---|"]
+              "| architecture | " + " | ".join(cols) + "".join(f" | best of {k} ({n})" for n in best_cols) + " |",
+              "|---" * (1 + len(cols) + len(best_cols)) + "|"]
     for r in at["rows"]:
         lines.append(f"| {r['architecture']}{'' if r['transferred'] else ' (the flow’s own)'} | "
-                     f"{_fmt(r['unguided']['accuracy_mean'], r['unguided']['accuracy_std'])} | "
-                     f"{_fmt(r['guided']['accuracy_mean'], r['guided']['accuracy_std'])} | "
-                     f"{r['guided'][f'best_of_{k}_accuracy']:.3f} | "
-                     f"{_fmt(r['guidance only']['accuracy_mean'], r['guidance only']['accuracy_std'])} | "
-                     f"{_fmt(r['trained']['accuracy_mean'], r['trained']['accuracy_std'])} |")
+                     + " | ".join(_fmt(r[n]['accuracy_mean'], r[n]['accuracy_std']) for n in cols)
+                     + "".join(f" | {r[n][f'best_of_{k}_accuracy']:.3f}" for n in best_cols) + " |")
     lines += ["", "## Wall times (s)", "", "| part | seconds |", "|---|---|"]
     lines += [f"| {k_} | {v:.0f} |" for k_, v in res["seconds"].items()]
     lines.append("")
@@ -760,8 +799,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
 
 def _grid_edge(tt: dict[str, Any]) -> list[str]:
     """Which maxima of the guided flow grid (λ, steps) the chosen cell sits on (phrases for the findings)."""
-    grid = [r for r in tt["sweep"] if r["method"] == "flow" and r["normalized"] and r["guidance"] > 0]
     b = tt["best_guided"]
+    grid = [r for r in tt["sweep"] if r["method"] == "flow" and r["normalized"] and r["guidance"] > 0
+            and r.get("guidance_at", "x") == b.get("guidance_at", "x")]
     edge = []
     if len({r["guidance"] for r in grid}) > 1 and b["guidance"] == max(r["guidance"] for r in grid):
         edge.append(f"λ={b['guidance']:g} is the largest swept")
@@ -780,8 +820,15 @@ def _findings(res: dict[str, Any]) -> list[str]:
             b, o = tt["best_guided"], tt["best_guidance_only"]
             verdict = "adds to" if b["accuracy_mean"] > o["accuracy_mean"] else "does not beat"
             out.append(f"{tt['source']} → {tt['target']}: the flow {verdict} guidance alone — best guided "
-                       f"{b['accuracy_mean']:.3f} (λ={b['guidance']:g}, {b['steps']} steps) vs guidance only "
+                       f"{b['accuracy_mean']:.3f} ({_cell_label(b)}) vs guidance only "
                        f"{o['accuracy_mean']:.3f} (λ={o['guidance']:g}, {o['steps']} steps), both chosen on validation.")
+        by_point = tt.get("best_guided_at", {})
+        if {"x", "x1"} <= set(by_point):
+            bx, b1 = by_point["x"], by_point["x1"]
+            verdict = "beats" if b1["accuracy_mean"] > bx["accuracy_mean"] else "does not beat"
+            out.append(f"{tt['source']} → {tt['target']}: guidance with the gradient at the flow's prediction x̂1 "
+                       f"{verdict} the gradient at x_t — {b1['accuracy_mean']:.3f} ({_cell_label(b1)}) vs "
+                       f"{bx['accuracy_mean']:.3f} ({_cell_label(bx)}), each chosen on validation.")
         if "best_guided" in tt:
             edge = _grid_edge(tt)
             if edge:
@@ -791,9 +838,8 @@ def _findings(res: dict[str, Any]) -> list[str]:
                            f"`{pre}sample_steps`) may find a better one.")
     for row in res["architecture_transfer"]["rows"]:
         if row["transferred"]:
-            out.append(f"{row['architecture']}: unguided {row['unguided']['accuracy_mean']:.3f}, guided "
-                       f"{row['guided']['accuracy_mean']:.3f}, guidance only {row['guidance only']['accuracy_mean']:.3f}, "
-                       f"trained {row['trained']['accuracy_mean']:.3f}.")
+            out.append(f"{row['architecture']}: " + ", ".join(f"{n} {row[n]['accuracy_mean']:.3f}"
+                                                               for n in _arch_columns(row)) + ".")
     out.append("Depth transfer is not supported (per-layer embeddings); widths only.")
     return out
 

@@ -4,9 +4,13 @@ task-loss guidance.
 A step moves x by ``dt · (v(x, t) − λ·grad)`` through the geometry's exponential map (a plain addition for the
 Euclidean and normalized flows, a geodesic step on the spheres for the geometric flow). ``noise`` adds
 ``ε·sqrt(dt)`` Gaussian noise (projected to the tangent space) at every step whose t lies in ``noise_window``.
-Guidance subtracts ``λ ∇_x L_task(decode(x))`` (per-network losses vmapped over the decoded batch, one backward
-pass for all samples), projected to the tangent space (and, with ``guidance_normalize``, scaled to unit norm
-per sample); it lowers the task loss of the samples.
+Guidance subtracts ``λ ∇L_task`` (per-network losses vmapped over the decoded batch, one backward pass for all
+samples), projected to the tangent space (and, with ``guidance_normalize``, scaled to unit norm per sample); it
+lowers the task loss of the samples. ``guidance_at`` says where the gradient is taken: at the current point
+``x_t`` (``"x"``, the thesis's form) or at the flow's own prediction ``x̂1(x_t, t)`` of where the sample is
+going (``"x1"``, as diffusion guidance on the denoised estimate does, without differentiating through the
+field: the gradient at x̂1 is applied at x_t). Early on, x_t is mostly prior noise and its task-loss gradient
+says little about the network the sample becomes; x̂1 is a network of the flow's kind at every t.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from torch.func import vmap
 from metaflow_ws.flows.flow import WeightFlow
 from metaflow_ws.nets.spec import NetworkSpec
 
-__all__ = ["SOLVERS", "SampleConfig", "guidance_gradient", "sample"]
+__all__ = ["GUIDANCE_POINTS", "SOLVERS", "SampleConfig", "guidance_gradient", "sample"]
 
 SOLVERS = ("euler", "heun")
+#: where guidance takes the task-loss gradient: the current point x_t, or the flow's prediction x̂1(x_t, t)
+GUIDANCE_POINTS = ("x", "x1")
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,15 @@ class SampleConfig:
     #: units per unit time) that does not depend on the sharpness of the task loss; a large raw gradient times
     #: a large ``guidance`` overshoots (on the spheres: wraps around) and kills ReLUs
     guidance_normalize: bool = False
+    #: where the guidance gradient is taken (:data:`GUIDANCE_POINTS`): ``"x"``, the current point x_t (the
+    #: thesis's form), or ``"x1"``, the flow's prediction x̂1(x_t, t), the network the sample is heading for
+    guidance_at: str = "x"
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; expected one of {list(SOLVERS)}")
+        if self.guidance_at not in GUIDANCE_POINTS:
+            raise ValueError(f"unknown guidance point {self.guidance_at!r}; expected one of {list(GUIDANCE_POINTS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be ≥ 1; got {self.steps}")
         if self.noise < 0 or self.guidance < 0:
@@ -99,15 +110,22 @@ def sample(
 
     def field(xc: Tensor, tc: float) -> Tensor:
         t = torch.full((xc.shape[0],), tc, dtype=xc.dtype, device=dev)
-        v = flow.velocity(xc, t, cond)
-        if config.guidance > 0:
-            assert guidance_data is not None
-            gx, gy, kind = guidance_data
-            g = man.proj_tangent(xc, guidance_gradient(flow, xc, gx, gy, kind))
-            if config.guidance_normalize:
-                g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            v = v - config.guidance * g
-        return v
+        if config.guidance == 0:
+            return flow.velocity(xc, t, cond)
+        assert guidance_data is not None
+        gx, gy, kind = guidance_data
+        if config.guidance_at == "x1":
+            x1 = flow.predict_x1(xc, t, cond)
+            v = man.velocity(xc, x1, t)  # = flow.velocity(xc, t, cond), sharing the prediction
+            # a tangent vector at x̂1, carried to x_t by projection below
+            g = flow.data_manifold.proj_tangent(x1, guidance_gradient(flow, x1, gx, gy, kind))
+        else:
+            v = flow.velocity(xc, t, cond)
+            g = guidance_gradient(flow, xc, gx, gy, kind)
+        g = man.proj_tangent(xc, g)
+        if config.guidance_normalize:
+            g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return v - config.guidance * g
 
     for i in range(config.steps):
         t0, t1 = float(ts[i]), float(ts[i + 1])
