@@ -4,9 +4,8 @@
     is sampled with the loss gradients of a related target task (``digits_permuted``; ``mnist1d`` with shuffled
     positions), sweeping the guidance strength λ × the number of sampling steps × where the gradient is taken
     (at x_t, the thesis's form, or at the flow's prediction x̂1: ``SampleConfig.guidance_at``); next to it the
-    networks trained
-    on the target (its recipe and Adam) and a *guidance-only* baseline: the same number of guidance steps from
-    the same prior draws with the flow's velocity switched off (Riemannian gradient descent).
+    networks trained on the target (its recipe and Adam) and a *guidance-only* baseline: the same number of
+    guidance steps from the same prior draws with the flow's velocity switched off (Riemannian gradient descent).
 (b) **Learned initialization.** Training on the held-out target task from flow samples (unguided, guided, best
     of k candidates, rebalanced or not, plus the optimizer state :func:`metaflow_ws.init.warm_start` sets: Adam
     moments, SGD momentum) vs PyTorch's default init and N(0, σ²), several seeds, test accuracy vs steps and
@@ -419,7 +418,7 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
     support = _support(task, device)
     g_steps = best["steps"] if best else max(pair.sample_steps)
     sc_guided = SampleConfig(steps=g_steps, guidance=best["guidance"] if best else 0.0, guidance_normalize=True,
-                             guidance_at=best.get("guidance_at", "x") if best else "x")
+                             guidance_at=best["guidance_at"] if best else "x")
     t0 = time.perf_counter()
     inits: dict[str, Tensor] = {
         "PyTorch default (kaiming-uniform)": spec.flatten(spec.init(s, scheme="kaiming_uniform", generator=_gen(cfg.seed + 101))),
