@@ -613,13 +613,13 @@ def _sampler(row: dict[str, Any]) -> str:
     """A sweep row's sampler: ``flow`` (gradient at x_t), ``flow, ∇ at x̂1``, ``... (raw)``, ``guidance only``."""
     if row["method"] != "flow":
         return row["method"]
-    name = "flow, ∇ at x̂1" if row.get("guidance_at", "x") == "x1" else "flow"
+    name = "flow, ∇ at x̂1" if row["guidance_at"] == "x1" else "flow"
     return name if row["normalized"] else f"{name} (raw)"
 
 
 def _cell_label(row: dict[str, Any]) -> str:
     """``λ=30, 512 steps`` (``, ∇ at x̂1`` when the gradient is taken at the flow's prediction)."""
-    at = ", ∇ at x̂1" if row.get("guidance_at", "x") == "x1" else ""
+    at = ", ∇ at x̂1" if row["guidance_at"] == "x1" else ""
     return f"λ={row['guidance']:g}, {row['steps']} steps{at}"
 
 
@@ -649,7 +649,7 @@ def _plots(res: dict[str, Any]) -> dict[str, bytes]:
             for at, style in (("x", "-"), ("x1", "--")):
                 # the unguided cell (λ = 0) starts both lines
                 rs = sorted((r for r in rows if r["steps"] == steps
-                             and (r["guidance"] == 0 or r.get("guidance_at", "x") == at)), key=lambda r: r["guidance"])
+                             and (r["guidance"] == 0 or r["guidance_at"] == at)), key=lambda r: r["guidance"])
                 if not any(r["guidance"] > 0 for r in rs):
                     continue
                 ax.errorbar([r["guidance"] for r in rs], [r["accuracy_mean"] for r in rs],
@@ -728,7 +728,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
                      f"{s['zoo_checkpoints']} checkpoints | {_fmt(s['zoo_final']['accuracy_mean'], s['zoo_final']['accuracy_std'])} "
                      f"| {cfg['flow']}, RT d={cfg['d_model']} × {cfg['num_layers']} ({s['flow_params']} params), aligned, "
                      f"coupling {cfg.get('coupling', 'ot')} "
-                     f"| {s['flow_steps']} | {s['flow_seconds']:.0f} | {'yes' if s.get('flow_reused') else 'no'} |")
+                     f"| {s['flow_steps']} | {s['flow_seconds']:.0f} | {'yes' if s['flow_reused'] else 'no'} |")
     lines += ["", "## (a) Task transfer by guidance", "",
               "Guidance uses the target's whole training split; `normalized` scales each sample's guidance gradient "
               "to unit norm (`SampleConfig(guidance_normalize=True)`), `raw` is the thesis's form. *flow* takes the "
@@ -800,7 +800,7 @@ def _grid_edge(tt: dict[str, Any]) -> list[str]:
     """Which maxima of the guided flow grid (λ, steps) the chosen cell sits on (phrases for the findings)."""
     b = tt["best_guided"]
     grid = [r for r in tt["sweep"] if r["method"] == "flow" and r["normalized"] and r["guidance"] > 0
-            and r.get("guidance_at", "x") == b.get("guidance_at", "x")]
+            and r["guidance_at"] == b["guidance_at"]]
     edge = []
     if len({r["guidance"] for r in grid}) > 1 and b["guidance"] == max(r["guidance"] for r in grid):
         edge.append(f"λ={b['guidance']:g} is the largest swept")
@@ -821,7 +821,7 @@ def _findings(res: dict[str, Any]) -> list[str]:
             out.append(f"{tt['source']} → {tt['target']}: the flow {verdict} guidance alone — best guided "
                        f"{b['accuracy_mean']:.3f} ({_cell_label(b)}) vs guidance only "
                        f"{o['accuracy_mean']:.3f} (λ={o['guidance']:g}, {o['steps']} steps), both chosen on validation.")
-        by_point = tt.get("best_guided_at", {})
+        by_point = tt.get("best_guided_at", {})  # absent when no guided cell was swept
         if {"x", "x1"} <= set(by_point):
             bx, b1 = by_point["x"], by_point["x1"]
             verdict = "beats" if b1["accuracy_mean"] > bx["accuracy_mean"] else "does not beat"

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from metaflow_ws.flows.couplings import make_coupling
-from metaflow_ws.flows.flow import PRECISIONS, FlowConfig, WeightFlow
+from metaflow_ws.flows.flow import CONFIG_NAME, PRECISIONS, WEIGHTS_NAME, FlowConfig, WeightFlow
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.io.zoo import Zoo
 
-__all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "flow_matching_loss", "query_loss", "saved_flow_matches",
-           "train_flow"]
+__all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "flow_matching_loss", "query_loss",
+           "saved_flow_matches", "train_flow"]
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
@@ -337,8 +337,8 @@ def saved_flow_matches(folder: str | Path, config: FlowConfig, train: TrainConfi
     training setting was recorded does not match.
     """
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file() or not (folder / "flow.safetensors").is_file():
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
         return False
     try:
         meta = json.loads(cfg_path.read_text())
