@@ -271,8 +271,8 @@ def test_mnist1d_pair_follows_the_task_unless_overridden():
 def test_findings_say_when_the_chosen_cell_is_on_the_edge_of_the_grid():
     from metaflow_ws.experiments.transfer import _grid_edge
 
-    def row(lam, steps, method="flow", normalized=True):
-        return {"method": method, "guidance": lam, "steps": steps, "normalized": normalized}
+    def row(lam, steps, method="flow", normalized=True, at="x"):
+        return {"method": method, "guidance": lam, "steps": steps, "normalized": normalized, "guidance_at": at}
 
     sweep = [row(lam, st) for st in (32, 512) for lam in (0.0, 3.0, 30.0)]
     sweep += [row(100.0, 512, normalized=False), row(300.0, 512, method="guidance only")]  # not the flow grid
@@ -283,3 +283,6 @@ def test_findings_say_when_the_chosen_cell_is_on_the_edge_of_the_grid():
     # a grid with one step count has no steps edge to report
     one = {"sweep": [row(lam, 64) for lam in (3.0, 30.0)], "best_guided": row(30.0, 64)}
     assert _grid_edge(one) == ["λ=30 is the largest swept"]
+    # a cell guided at x̂1 is judged on the x̂1 grid: λ=10 is its largest even where the x_t grid goes to 30
+    both = {"sweep": sweep + [row(lam, 512, at="x1") for lam in (3.0, 10.0)], "best_guided": row(10.0, 512, at="x1")}
+    assert _grid_edge(both) == ["λ=10 is the largest swept"]
