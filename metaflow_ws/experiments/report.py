@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import platform
 import time
@@ -376,8 +375,7 @@ class _Report:
                                 "steps": steps, "folder": _rel(folder, self.out)}
         if cfg.reuse and saved_flow_matches(folder, fcfg, tcfg, zoo):
             flow = WeightFlow.from_pretrained(folder, device=self.device)
-            meta = json.loads((folder / "config.json").read_text())
-            info.update(reused=True, train_seconds=meta.get("seconds"), final_loss=meta.get("final_loss"))
+            info.update(reused=True, train_seconds=flow.meta.get("seconds"), final_loss=flow.meta.get("final_loss"))
             self.log(f"  reusing {run.label}, {steps} steps ({folder})")
         else:
             self.log(f"  training {run.label}: {steps} steps ...")
