@@ -513,3 +513,51 @@ def test_cli_train_precision(tiny_bc_zoo, tmp_path, capsys):
     assert saved["train"]["precision"] == "bf16" and saved["config"]["d_edge"] == 4
     with pytest.raises(SystemExit):
         main(["train", "--zoo", str(zoo), "--flow", "normalized", "--precision", "fp8", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("kind", FLOWS)
+def test_path_noise_moves_x_t_by_sigma_block_rms_on_the_path_manifold(tiny_bc_zoo, kind, monkeypatch):
+    from metaflow_ws.flows.train import flow_matching_loss
+
+    sigma = 0.2
+    flow = WeightFlow(dataclasses.replace(tiny_config(tiny_bc_zoo, kind), sigma=sigma)).double()
+    x1 = flow.encode({k: v.double() for k, v in tiny_bc_zoo.params.items()})
+    flow.set_scale_from(x1)
+    x1 = x1[torch.arange(512) % len(x1)]
+    x0 = flow.sample_prior(512, generator=torch.Generator().manual_seed(1)).double()
+    t = torch.rand(512, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.9
+    seen = []
+    monkeypatch.setattr(flow, "predict_x1", lambda x, tt, cond=None: seen.append(x) or x)
+    flow_matching_loss(flow, x0, x1, t, sigma=0.0)
+    flow_matching_loss(flow, x0, x1, t, sigma=sigma, generator=torch.Generator().manual_seed(3))
+    clean, noisy = seen
+    man = flow.path_manifold
+    torch.testing.assert_close(clean, man.interpolate(x0, x1, t))  # sigma = 0: the plain path point
+    torch.testing.assert_close(man.project(noisy), noisy)  # still on the path manifold
+    step = (noisy - clean) / flow.scale
+    if kind != "geometric":  # flat path: exactly σ · scale · ε, so the scaled step has std σ
+        assert float(step.std()) == pytest.approx(sigma, rel=0.03)
+        assert abs(float(step.mean())) < 0.01
+    else:  # spheres: projecting back shortens the step a little
+        assert 0.5 * sigma < float(step.std()) < 1.05 * sigma
+
+
+def test_path_noise_errors_and_cli(tiny_bc_zoo, tmp_path, capsys):
+    from metaflow_ws.cli import main
+    from metaflow_ws.flows.flow import SIGMA
+
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="path noise"):
+            dataclasses.replace(tiny_config(tiny_bc_zoo, "geometric"), sigma=bad)
+    zoo = tmp_path / "zoo.safetensors"
+    tiny_bc_zoo.save(zoo)
+    common = ["train", "--zoo", str(zoo), "--flow", "euclidean", "--steps", "2", "--batch-size", "4",
+              "--d-model", "8", "--layers", "1", "--json"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path_noise"] == SIGMA
+    assert WeightFlow.from_pretrained(tmp_path / "a").config.sigma == SIGMA
+    assert main([*common, "--path-noise", "0", "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert WeightFlow.from_pretrained(tmp_path / "b").config.sigma == 0.0
+    assert main([*common, "--path-noise", "-1", "--out", str(tmp_path / "c")]) == 2
+    assert "path noise" in capsys.readouterr().err

@@ -102,6 +102,8 @@ class FlowMethodConfig:
     anchor: bool = True
     #: EDM-style preconditioning of the x1 prediction (``FlowConfig.precondition``)
     precondition: bool = True
+    #: path noise (``FlowConfig.sigma``); the few-shot results were measured without it
+    sigma: float = 0.0
     #: the flow models each network's change from the shared initialisation, ``w − init``, at unit scale per
     #: parameter block (the anchor, scaled to unit RMS, still tells the field which neuron is which); proposals
     #: are ``init + sample``. Without it, networks that moved little from the init reach the field as the init
@@ -149,7 +151,7 @@ class FlowMethod(Method):
         self.flow_config = FlowConfig(flow="euclidean", widths=self.spec.widths, activation=self.spec.activation,
                                       task=family.name, prior_std=s.prior_std, d_model=s.d_model,
                                       num_layers=s.num_layers, cond_dim=s.cond_dim, anchor=s.anchor,
-                                      precondition=s.precondition,
+                                      precondition=s.precondition, sigma=s.sigma,
                                       encoder={"x_dim": x_dim, "y_dim": y_dim})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ def _precision_dtype(precision: torch.dtype | str | None) -> torch.dtype | None:
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "flow.safetensors"
+#: default path noise σ of :class:`FlowConfig` (see ``FlowConfig.sigma``); plain conditional flow matching is 0
+SIGMA = 0.3
 
 
 class FlowFormatError(ValueError):
@@ -89,7 +92,12 @@ class FlowConfig:
     #: d_E = 32 at d_model = 64 trains ≈ 1.4× faster than d_E = 64 (``bench_vector_field.py --d-edge 32``)
     d_edge: int | None = None
     cond_dim: int = 0
-    sigma: float = 0.0
+    #: path noise (``train --path-noise``): training moves x_t by σ times each block's data RMS in a random
+    #: direction and projects it back onto the path manifold, while the target stays x1, so the field learns to
+    #: pull points off the training paths back onto them; that keeps the sampler's trajectories from drifting.
+    #: On ``breast_cancer`` (Geometric, d=32 × 3, 3,000 steps) σ = 0 → 0.3 takes the samples from 0.952 / NLL 0.153
+    #: to 0.973 / 0.082 with less functional diversity (0.024 → 0.014; the trained networks' own: 0.010)
+    sigma: float = SIGMA
     aligned: bool = False
     #: task-conditioned flows: a support-set encoder (``SetEncoderConfig`` fields except ``cond_dim``, e.g.
     #: ``{"x_dim": 1, "y_dim": 1}``) whose embedding, of size ``cond_dim``, conditions the vector field.
@@ -108,6 +116,8 @@ class FlowConfig:
     def __post_init__(self) -> None:
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r}; expected one of {list(FLOWS)}")
+        if not (self.sigma >= 0 and math.isfinite(self.sigma)):
+            raise ValueError(f"path noise sigma must be a finite number ≥ 0; got {self.sigma}")
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if self.encoder is not None:
             if self.cond_dim < 1:

@@ -134,13 +134,18 @@ def flow_matching_loss(flow: WeightFlow, x0: Tensor, x1: Tensor, t: Tensor, *, s
                        generator: torch.Generator | None = None, cond: Tensor | None = None) -> Tensor:
     """Mean squared error of the x1 prediction (in per-block scaled units) at x_t on the path from x0 to x1.
 
+    ``sigma > 0`` (path noise, :attr:`FlowConfig.sigma`): x_t is moved by ``sigma · scale · ε``, ε ~ N(0, I), i.e.
+    by σ times each block's data RMS, and projected back onto the path manifold; the target stays x1, so the field
+    learns to pull points near the training paths back onto them.
+
     A preconditioned flow weights it by ``1 / c_out(t)²`` (clamped at 1e4): the squared error of the network
     output F against its unit-size target, which is (up to a per-block constant) the error of the velocity the
     sampler integrates, equally at every t.
     """
     x_t = flow.path_manifold.interpolate(x0, x1, t)
     if sigma > 0:
-        x_t = x_t + sigma * torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
+        eps = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
+        x_t = flow.path_manifold.project(x_t + sigma * flow.scale * eps)
     x1_hat = flow.predict_x1(x_t, t, cond)
     err = ((x1_hat - x1) / flow.scale) ** 2
     if flow.config.precondition:
