@@ -40,6 +40,9 @@ def test_report_writes_readme_results_and_figures(tiny_report):
         assert section in text, section
     assert "not** the real results" in text  # quick runs say so
     assert "Geometric flow mean test accuracy ≥ 0.993" in text
+    from metaflow_ws.flows.flow import SIGMA
+
+    assert f"path noise {SIGMA:g} (`train --path-noise`)" in text  # the flows' training says what it used
     for name in FIGURES:
         assert (out / "figures" / f"{name}.png").read_bytes().startswith(PNG)
         assert f"figures/{name}.png" in text

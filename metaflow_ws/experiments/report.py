@@ -202,6 +202,13 @@ def _environment() -> dict[str, Any]:
             "machine": platform.machine()}
 
 
+def _path_noise(flow_info: dict[str, dict[str, Any]]) -> str:
+    """``", path noise 0.3"`` (the flows' ``FlowConfig.sigma``; every value if they differ), or ``""`` for results
+    written before the flows recorded it."""
+    values = sorted({fi["path_noise"] for fi in flow_info.values() if "path_noise" in fi})
+    return f", path noise {' / '.join(f'{v:g}' for v in values)} (`train --path-noise`)" if values else ""
+
+
 def _header(cfg: ReportConfig, name: str, command: str, seconds: float) -> str:
     lines = [f"# {name}: evaluation report", "", f"Written by `{command}` in {seconds / 60:.1f} min "
              f"(seed {cfg.seed}, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)).", ""]
@@ -384,6 +391,7 @@ class _Report:
             info.update(reused=False, train_seconds=res.seconds, final_loss=res.final_loss,
                         steps_per_second=res.steps_per_second)
         info["flow_params"] = sum(p.numel() for p in flow.field.parameters())
+        info["path_noise"] = flow.config.sigma
         flow.eval()
         return flow, info
 
@@ -696,7 +704,8 @@ class _Report:
             f"Zoo: {z['runs']} runs, {z['checkpoints']} checkpoints of {z['architecture']} ({z['params']} parameters), "
             f"{z['source']}. Test split: {z['test_size']} points (validation {z['val_size']}). Flows: Relational "
             f"Transformer d={cfg.d_model} × {cfg.num_layers} layers, batch {cfg.batch_size}, AdamW lr {cfg.lr}, "
-            f"prior N(0, σ²I) with the zoo's init σ; {cfg.samples} samples per flow, {cfg.solver} with "
+            f"prior N(0, σ²I) with the zoo's init σ{_path_noise(self.flow_info)}; {cfg.samples} samples per flow, "
+            f"{cfg.solver} with "
             f"{cfg.sample_steps} steps. Metrics on the test split, mean ± std over networks. Best flow (by "
             f"validation accuracy): **{self.flow_info[self.best]['label']}**.",
             "",
