@@ -203,8 +203,8 @@ def _environment() -> dict[str, Any]:
 
 
 def _path_noise(flow_info: dict[str, dict[str, Any]]) -> str:
-    """``", path noise 0.3"`` (the flows' ``FlowConfig.sigma``; every value if they differ), or ``""`` for results
-    written before the flows recorded it."""
+    """``", path noise 0.3 (`train --path-noise`)"`` (the flows' ``FlowConfig.sigma``; every value if they
+    differ), or ``""`` for results written before the flows recorded it."""
     values = sorted({fi["path_noise"] for fi in flow_info.values() if "path_noise" in fi})
     return f", path noise {' / '.join(f'{v:g}' for v in values)} (`train --path-noise`)" if values else ""
 
