@@ -12,17 +12,19 @@ ORDER = 50
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from metaflow_ws.flows.sampling import GUIDANCE_POINTS, SOLVERS, SampleConfig
+
     p.add_argument("--flow", required=True, help="flow folder written by `metaflow-ws train`")
     p.add_argument("-n", "--num", type=int, default=100, help="number of networks")
     p.add_argument("--steps", type=int, default=64, help="integration steps")
-    p.add_argument("--solver", choices=["euler", "heun"], default="euler")
+    p.add_argument("--solver", choices=list(SOLVERS), default=SampleConfig().solver)
     p.add_argument("--noise", type=float, default=0.0, help="stochastic sampling strength ε")
     p.add_argument("--noise-window", type=float, nargs=2, default=(0.0, 1.0), metavar=("T0", "T1"),
                    help="add noise only for t in [T0, T1)")
     p.add_argument("--guidance", type=float, default=0.0, help="task-loss guidance strength λ (needs --task)")
     p.add_argument("--guidance-normalize", action="store_true",
                    help="scale each sample's guidance gradient to unit norm (λ becomes a speed in flow coordinates)")
-    p.add_argument("--guidance-at", choices=["x", "x1"], default="x",
+    p.add_argument("--guidance-at", choices=list(GUIDANCE_POINTS), default=SampleConfig().guidance_at,
                    help="where the guidance gradient is taken: x, the current point x_t (default, the thesis's form); "
                         "x1, the flow's prediction of the network the sample is heading for")
     p.add_argument("--task", default=None, help="task whose training loss guides sampling")

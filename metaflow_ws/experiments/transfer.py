@@ -511,7 +511,7 @@ def architecture_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, de
         f = flow.for_spec(spec)
         support = _support(task, device)
         row: dict[str, Any] = {"widths": list(w), "architecture": spec.describe(), "transferred": spec != flow.spec}
-        guided = {"x": "guided", "x1": "guided, ∇ at x̂1"}
+        guided = {at: "guided" + _at_suffix(at) for at in cfg.guidance_at}
         for name, sc, no_flow in [
             ("unguided", SampleConfig(steps=cfg.arch_steps), False),
             *[(guided[at], SampleConfig(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True,
@@ -604,23 +604,27 @@ def _goals(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------- writing
+def _at_suffix(at: str) -> str:
+    """``", ∇ at x̂1"`` for guidance at the flow's prediction; ``""`` at x_t (the thesis's form, unmarked)."""
+    return ", ∇ at x̂1" if at == "x1" else ""
+
+
 def _arch_columns(row: dict[str, Any]) -> list[str]:
     """The populations of an architecture-transfer row, in table order."""
-    return [n for n in ("unguided", "guided", "guided, ∇ at x̂1", "guidance only", "trained") if n in row]
+    return [n for n in ("unguided", "guided", "guided" + _at_suffix("x1"), "guidance only", "trained") if n in row]
 
 
 def _sampler(row: dict[str, Any]) -> str:
     """A sweep row's sampler: ``flow`` (gradient at x_t), ``flow, ∇ at x̂1``, ``... (raw)``, ``guidance only``."""
     if row["method"] != "flow":
         return row["method"]
-    name = "flow, ∇ at x̂1" if row["guidance_at"] == "x1" else "flow"
+    name = "flow" + _at_suffix(row["guidance_at"])
     return name if row["normalized"] else f"{name} (raw)"
 
 
 def _cell_label(row: dict[str, Any]) -> str:
     """``λ=30, 512 steps`` (``, ∇ at x̂1`` when the gradient is taken at the flow's prediction)."""
-    at = ", ∇ at x̂1" if row["guidance_at"] == "x1" else ""
-    return f"λ={row['guidance']:g}, {row['steps']} steps{at}"
+    return f"λ={row['guidance']:g}, {row['steps']} steps{_at_suffix(row['guidance_at'])}"
 
 
 def _fmt(m: float, s: float | None = None) -> str:
@@ -654,7 +658,7 @@ def _plots(res: dict[str, Any]) -> dict[str, bytes]:
                     continue
                 ax.errorbar([r["guidance"] for r in rs], [r["accuracy_mean"] for r in rs],
                             yerr=[r["accuracy_std"] for r in rs], marker="o", capsize=3, ls=style, color=f"C{j}",
-                            label=f"flow, {steps} steps" + (", ∇ at x̂1" if at == "x1" else ""))
+                            label=f"flow, {steps} steps{_at_suffix(at)}")
         only = sorted((r for r in tt["sweep"] if r["method"] == "guidance only"), key=lambda r: r["guidance"])
         if only:
             ax.plot([r["guidance"] for r in only], [r["accuracy_mean"] for r in only], "k--", marker="x",
