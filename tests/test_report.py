@@ -75,6 +75,18 @@ def test_report_reuses_matching_flows(tiny_report):
             assert r["accuracy_mean"] == pytest.approx(t0[r["method"]]["accuracy_mean"])
 
 
+def test_report_path_noise_reaches_the_flows(tiny_report, tmp_path):
+    """Another path noise is another flow: --reuse retrains instead of loading the σ = 0.3 flows, and says σ = 0."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_report[0], out)
+    again = run_report(_tiny(out, reuse=True, ablation=False, figures=False, path_noise=0.0))
+    assert not any(f["reused"] for f in again["flows"].values())
+    assert {f["path_noise"] for f in again["flows"].values()} == {0.0}
+    assert "path noise 0 (`train --path-noise`)" in (out / "README.md").read_text()
+
+
 def test_reuse_needs_a_matching_configuration(tiny_report):
     import dataclasses
 
@@ -120,6 +132,11 @@ def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--coupling", "ot", "--compile",
                  "--precision", "bf16"]) == 0
     assert seen["cfg"].coupling == "ot" and seen["cfg"].compile and seen["cfg"].precision == "bf16"
+    from metaflow_ws.flows.flow import SIGMA
+
+    assert full.path_noise == SIGMA
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "0"]) == 0
+    assert seen["cfg"].path_noise == 0.0
 
 
 def test_report_errors(tmp_path, monkeypatch, capsys):
@@ -133,6 +150,11 @@ def test_report_errors(tmp_path, monkeypatch, capsys):
         ReportConfig(task="digits", out_dir=tmp_path, samples=1)
     with pytest.raises(ValueError, match="unknown coupling 'sinkhorn'"):
         ReportConfig(task="digits", out_dir=tmp_path, coupling="sinkhorn")
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="path_noise must be a finite number ≥ 0"):
+            ReportConfig(task="digits", out_dir=tmp_path, path_noise=bad)
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "-1"]) == 2
+    assert "path_noise must be a finite number" in capsys.readouterr().err
 
 
 def test_gaussian_toy_delegates(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from metaflow_ws.experiments.flows_table import FlowRun
+from metaflow_ws.flows.flow import SIGMA
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.nets.spec import Params
@@ -64,6 +65,8 @@ class ReportConfig:
     ablation: bool | None = None
     d_model: int = 32
     num_layers: int = 3
+    #: path noise of every flow (``FlowConfig.sigma``, ``train --path-noise``); 0 = plain flow matching
+    path_noise: float = SIGMA
     lr: float = 2e-3
     batch_size: int = 32
     #: train the flows with ``torch.compile`` (speed only: flows trained either way are reused)
@@ -105,6 +108,8 @@ class ReportConfig:
 
         if self.coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {self.coupling!r}; choose one of {', '.join(COUPLINGS)}")
+        if not (math.isfinite(self.path_noise) and self.path_noise >= 0):
+            raise ValueError(f"path_noise must be a finite number ≥ 0 (0 = plain flow matching); got {self.path_noise}")
         if self.lik_estimator not in ("exact", "hutchinson"):
             raise ValueError(f"lik_estimator must be 'exact' or 'hutchinson'; got {self.lik_estimator!r}")
 
@@ -375,7 +380,7 @@ class _Report:
         cfg, zoo = self.cfg, self.zoo
         fcfg = FlowConfig(flow=run.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
                           prior_std=default_prior_std(zoo), d_model=cfg.d_model,
-                          num_layers=cfg.num_layers)
+                          num_layers=cfg.num_layers, sigma=cfg.path_noise)
         tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, coupling=run.coupling, align=run.align,
                            seed=cfg.seed, compile=cfg.compile, precision=cfg.precision)
         info: dict[str, Any] = {"label": run.label, "flow": run.flow, "coupling": run.coupling, "aligned": run.align,
