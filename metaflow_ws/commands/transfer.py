@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from metaflow_ws.commands import add_common, add_speed_options
+from metaflow_ws.flows.flow import SIGMA
 
 NAME = "transfer"
 HELP = "transfer experiments: guidance to related tasks, learned initialization, other hidden widths"
@@ -30,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="coupling of the source flows' training (default ot-perm, as metaflow-ws train)")
     p.add_argument("--d-model", type=int, default=None, help="width of the source flows' vector field")
     p.add_argument("--layers", type=int, default=None, help="layers of the source flows' vector field")
+    p.add_argument("--path-noise", type=float, default=None, metavar="SIGMA",
+                   help=f"path noise of the source flows, as `train --path-noise` (default {SIGMA})")
     add_speed_options(p, "train the source flows")
     p.add_argument("--reuse", action="store_true",
                    help="load the source flows an earlier run saved in OUT/flows when their configuration and zoo "
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"flow_steps": args.flow_steps, "samples": args.samples,
                                    "init_seeds": args.init_seeds, "init_steps": args.init_steps,
                                    "coupling": args.coupling, "d_model": args.d_model,
-                                   "num_layers": args.layers}.items()
+                                   "num_layers": args.layers, "path_noise": args.path_noise}.items()
                  if v is not None}
     overrides |= {"compile": args.compile, "precision": args.precision, "reuse": args.reuse}
     if args.no_mnist1d:

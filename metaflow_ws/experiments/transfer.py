@@ -34,6 +34,7 @@ from torch import Tensor
 
 from metaflow_ws.evaluation.metrics import batch_metrics
 from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, WeightFlow, sample, train_flow
+from metaflow_ws.flows.flow import SIGMA
 from metaflow_ws.flows.sampling import guidance_gradient
 from metaflow_ws.flows.train import saved_flow_matches
 from metaflow_ws.init import Support, balance_scales, candidate_gradients
@@ -59,6 +60,8 @@ class TransferConfig:
     coupling: str = "ot-perm"
     d_model: int = 32
     num_layers: int = 3
+    #: path noise of the source flows' training (``FlowConfig.sigma``, ``train --path-noise``)
+    path_noise: float = SIGMA
     #: train the source flows under ``torch.compile`` (``TrainConfig.compile``)
     compile: bool = False
     #: precision of the field while training the source flows (``TrainConfig.precision``)
@@ -111,6 +114,8 @@ class TransferConfig:
 
         if self.coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {self.coupling!r}; expected one of {list(COUPLINGS)}")
+        if not (math.isfinite(self.path_noise) and self.path_noise >= 0):
+            raise ValueError(f"path_noise must be a finite number ≥ 0 (0 = plain flow matching); got {self.path_noise}")
         if not self.sample_steps or min(self.sample_steps) < 1:
             raise ValueError(f"sample_steps must hold positive step counts; got {self.sample_steps}")
         from metaflow_ws.flows.sampling import GUIDANCE_POINTS
@@ -264,7 +269,7 @@ def _train_source_flow(pair: _Pair, cfg: TransferConfig, out: Path | None, devic
         f"{float(zoo_acc.mean()):.3f} ({time.perf_counter() - t0:.0f}s)")
     rec = pair.source.recipe
     fc = FlowConfig(flow=cfg.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=pair.source.name,
-                    prior_std=rec.init_std, d_model=cfg.d_model, num_layers=cfg.num_layers)
+                    prior_std=rec.init_std, d_model=cfg.d_model, num_layers=cfg.num_layers, sigma=cfg.path_noise)
     tc = TrainConfig(steps=pair.flow_steps, seed=cfg.seed, coupling=cfg.coupling, align=True, compile=cfg.compile,
                      precision=cfg.precision)
     folder = out / "flows" / pair.key if out is not None else None
@@ -609,6 +614,11 @@ def _at_suffix(at: str) -> str:
     return ", ∇ at x̂1" if at == "x1" else ""
 
 
+def _noise(cfg: dict[str, Any]) -> str:
+    """``", path noise 0.3"`` (the source flows' ``FlowConfig.sigma``); ``""`` for results saved before it existed."""
+    return f", path noise {cfg['path_noise']:g}" if "path_noise" in cfg else ""
+
+
 def _arch_columns(row: dict[str, Any]) -> list[str]:
     """The populations of an architecture-transfer row, in table order."""
     return [n for n in ("unguided", "guided", "guided" + _at_suffix("x1"), "guidance only", "trained") if n in row]
@@ -731,7 +741,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
         lines.append(f"| {tt['source']} ({tt['architecture']}) | {s['zoo_runs']} runs × {s['zoo_epochs']} epochs, "
                      f"{s['zoo_checkpoints']} checkpoints | {_fmt(s['zoo_final']['accuracy_mean'], s['zoo_final']['accuracy_std'])} "
                      f"| {cfg['flow']}, RT d={cfg['d_model']} × {cfg['num_layers']} ({s['flow_params']} params), aligned, "
-                     f"coupling {cfg.get('coupling', 'ot')} "
+                     f"coupling {cfg.get('coupling', 'ot')}{_noise(cfg)} "
                      f"| {s['flow_steps']} | {s['flow_seconds']:.0f} | {'yes' if s['flow_reused'] else 'no'} |")
     lines += ["", "## (a) Task transfer by guidance", "",
               "Guidance uses the target's whole training split; `normalized` scales each sample's guidance gradient "
