@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from metaflow_ws.experiments.flows_table import FlowRun
-from metaflow_ws.flows.flow import SIGMA
+from metaflow_ws.flows.flow import SIGMA, check_path_noise
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.nets.spec import Params
@@ -108,8 +108,7 @@ class ReportConfig:
 
         if self.coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {self.coupling!r}; choose one of {', '.join(COUPLINGS)}")
-        if not (math.isfinite(self.path_noise) and self.path_noise >= 0):
-            raise ValueError(f"path_noise must be a finite number ≥ 0 (0 = plain flow matching); got {self.path_noise}")
+        check_path_noise(self.path_noise, "path_noise")
         if self.lik_estimator not in ("exact", "hutchinson"):
             raise ValueError(f"lik_estimator must be 'exact' or 'hutchinson'; got {self.lik_estimator!r}")
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from metaflow_ws.evaluation.metrics import batch_metrics
 from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, WeightFlow, sample, train_flow
-from metaflow_ws.flows.flow import SIGMA
+from metaflow_ws.flows.flow import SIGMA, check_path_noise
 from metaflow_ws.flows.sampling import guidance_gradient
 from metaflow_ws.flows.train import saved_flow_matches
 from metaflow_ws.init import Support, balance_scales, candidate_gradients
@@ -114,8 +114,7 @@ class TransferConfig:
 
         if self.coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {self.coupling!r}; expected one of {list(COUPLINGS)}")
-        if not (math.isfinite(self.path_noise) and self.path_noise >= 0):
-            raise ValueError(f"path_noise must be a finite number ≥ 0 (0 = plain flow matching); got {self.path_noise}")
+        check_path_noise(self.path_noise, "path_noise")
         if not self.sample_steps or min(self.sample_steps) < 1:
             raise ValueError(f"sample_steps must hold positive step counts; got {self.sample_steps}")
         from metaflow_ws.flows.sampling import GUIDANCE_POINTS

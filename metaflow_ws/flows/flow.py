@@ -72,6 +72,12 @@ WEIGHTS_NAME = "flow.safetensors"
 SIGMA = 0.3
 
 
+def check_path_noise(sigma: float, name: str = "path noise sigma") -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``sigma`` is a valid path noise (finite, ≥ 0)."""
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(f"{name} must be a finite number ≥ 0 (0 = plain flow matching); got {sigma}")
+
+
 class FlowFormatError(ValueError):
     """A flow folder that is missing, corrupt or for another architecture."""
 
@@ -116,8 +122,7 @@ class FlowConfig:
     def __post_init__(self) -> None:
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r}; expected one of {list(FLOWS)}")
-        if not (self.sigma >= 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"path noise sigma must be a finite number ≥ 0; got {self.sigma}")
+        check_path_noise(self.sigma)
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if self.encoder is not None:
             if self.cond_dim < 1:
