@@ -164,16 +164,14 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     assert "| yes |" in (out / "README.md").read_text()
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--coupling", "nope"]) == 2
     assert "unknown coupling 'nope'" in capsys.readouterr().err
-    # the source flows train with the default path noise; another σ is another flow, so --reuse retrains it
-    from metaflow_ws.flows.flow import SIGMA
-
-    assert data["config"]["path_noise"] == SIGMA and f"path noise {SIGMA:g}" in text
+    # the source flows train without path noise (it resists guidance); another σ is another flow: --reuse retrains
+    assert data["config"]["path_noise"] == 0.0 and "coupling ot-perm, path noise 0 |" in text
     capsys.readouterr()
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu", "--layers", "2",
-                 "--precision", "bf16", "--reuse", "--path-noise", "0"]) == 0
-    plain = json.loads((out / "results.json").read_text())
-    assert plain["config"]["path_noise"] == 0.0 and not any(s["flow_reused"] for s in plain["sources"].values())
-    assert "coupling ot-perm, path noise 0 |" in (out / "README.md").read_text()
+                 "--precision", "bf16", "--reuse", "--path-noise", "0.3"]) == 0
+    noisy = json.loads((out / "results.json").read_text())
+    assert noisy["config"]["path_noise"] == 0.3 and not any(s["flow_reused"] for s in noisy["sources"].values())
+    assert "coupling ot-perm, path noise 0.3 |" in (out / "README.md").read_text()
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--path-noise", "-1"]) == 2
     assert "path_noise must be a finite number ≥ 0" in capsys.readouterr().err
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from metaflow_ws.commands import add_common, add_speed_options
-from metaflow_ws.flows.flow import SIGMA
 
 NAME = "transfer"
 HELP = "transfer experiments: guidance to related tasks, learned initialization, other hidden widths"
@@ -32,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=None, help="width of the source flows' vector field")
     p.add_argument("--layers", type=int, default=None, help="layers of the source flows' vector field")
     p.add_argument("--path-noise", type=float, default=None, metavar="SIGMA",
-                   help=f"path noise of the source flows, as `train --path-noise` (default {SIGMA})")
+                   help="path noise of the source flows, as `train --path-noise` (default 0, not train's 0.3: a "
+                        "path-noise flow pulls samples back to the source task and resists the target's guidance)")
     add_speed_options(p, "train the source flows")
     p.add_argument("--reuse", action="store_true",
                    help="load the source flows an earlier run saved in OUT/flows when their configuration and zoo "
