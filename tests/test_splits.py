@@ -50,6 +50,9 @@ def test_render_counts_the_goal_per_split_and_averages_over_splits():
     res = {"config": cfg, "splits": [_row(0, 0.96, 0.94, 0.2), _row(3, 1.0, 0.995, 0.01)], "wall_seconds": 60.0,
            "device": "cpu", "threads": 2, "torch": torch.__version__}
     text = render(res, "python -m metaflow_ws.experiments.splits")
+    assert "no path noise (written before the option existed)" in text  # results.json of an older run
+    assert "path noise σ = 0.3)" in render({**res, "config": {**cfg, "path_noise": 0.3}}, "cmd")
+    assert "no path noise)" in render({**res, "config": {**cfg, "path_noise": 0.0}}, "cmd")
     assert "met on 1 of 2 splits (3)" in text
     assert "reach 0.993 on 1 of 2" in text
     assert "| 0.9800 ± 0.0200 |" in text  # trained accuracy: mean ± std over the two splits
@@ -61,19 +64,25 @@ def test_cli_rejects_bad_input_with_exit_code_2(tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["--data-seeds", "1", "1", "--out", str(tmp_path)]) == 2
     assert "distinct" in capsys.readouterr().err
+    assert main(["--path-noise", "-0.1", "--out", str(tmp_path)]) == 2
+    assert "path_noise must be a finite number ≥ 0" in capsys.readouterr().err
     assert not (tmp_path / "README.md").exists()
 
 
 def test_cli_writes_readme_and_results(tmp_path):
     out = tmp_path / "o"
     rc = main(["--out", str(out), "--data-seeds", "1", "--steps", "2", "--runs", "2", "--epochs", "1", "-n", "3",
-               "--d-model", "8", "--layers", "1"])
+               "--d-model", "8", "--layers", "1", "--path-noise", "0.2"])
     assert rc == 0
+    # the flag reaches the flow itself: the saved flow configuration trains with σ = 0.2
+    assert json.loads((out / "flows" / "seed1" / "config.json").read_text())["config"]["sigma"] == 0.2
     data = json.loads((out / "results.json").read_text())
+    assert data["config"]["path_noise"] == 0.2
     assert data["command"].startswith("python -m metaflow_ws.experiments.splits --out")
     assert [r["data_seed"] for r in data["splits"]] == [1]
     text = (out / "README.md").read_text()
     assert "flow samples over 1 train/test split\n" in text
+    assert "path noise σ = 0.2)" in text
     (out / "README.md").unlink()
     assert main(["--out", str(out), "--rerender"]) == 0  # the README again, from results.json alone
     assert (out / "README.md").read_text() == text

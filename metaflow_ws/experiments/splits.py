@@ -28,6 +28,7 @@ import torch
 
 from metaflow_ws.evaluation.metrics import evaluate_zoo
 from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, default_prior_std, sample, train_flow
+from metaflow_ws.flows.flow import SIGMA, check_path_noise
 from metaflow_ws.flows.train import CHECKPOINT
 from metaflow_ws.io.atomic import atomic_write_json, atomic_write_text
 from metaflow_ws.io.zoo import Zoo
@@ -55,6 +56,8 @@ class SplitsConfig:
     sample_steps: int = 64
     seed: int = 0
     compile: bool = False
+    #: path noise σ of every split's flow (``FlowConfig.sigma``; 0 = plain flow matching)
+    path_noise: float = SIGMA
     #: continue each split's flow from its checkpoint in ``out/flows/seed<S>`` (finished flows are reloaded)
     resume: bool = False
 
@@ -63,6 +66,7 @@ class SplitsConfig:
             raise ValueError(f"data_seeds must be distinct and non-empty; got {self.data_seeds}")
         if min(self.steps, self.samples, self.sample_steps) < 1:
             raise ValueError("steps, samples and sample_steps must be ≥ 1")
+        check_path_noise(self.path_noise, "path_noise")
 
 
 def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.device | None = None,
@@ -77,7 +81,8 @@ def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.devi
         zoo = train_population(task, cfg.runs or task.recipe.runs, epochs=cfg.epochs, seed=cfg.seed, data_seed=ds,
                                device=device)
         fc = FlowConfig(flow=cfg.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
-                        prior_std=default_prior_std(zoo), d_model=cfg.d_model, num_layers=cfg.num_layers)
+                        prior_std=default_prior_std(zoo), d_model=cfg.d_model, num_layers=cfg.num_layers,
+                        sigma=cfg.path_noise)
         tc = TrainConfig(steps=cfg.steps, coupling=cfg.coupling, align=True, seed=cfg.seed, compile=cfg.compile)
         folder = out / "flows" / f"seed{ds}" if out is not None else None
         resume = cfg.resume and folder is not None and (folder / CHECKPOINT).is_file()
@@ -111,12 +116,16 @@ def render(result: dict[str, Any], command: str) -> str:
     cls = "accuracy_mean" in rows[0]["trained"]
     n = len(rows)
     runs = cfg["runs"] or get_task(task).recipe.runs
+    # results written before the splits experiment had path noise trained plain flow matching (σ = 0)
+    noise = cfg.get("path_noise")
+    noise_text = (f"path noise σ = {noise:g}" if noise else "no path noise") if noise is not None \
+        else "no path noise (written before the option existed)"
     lines = [f"# {task}: trained networks and {flow} flow samples over {n} train/test split{'s' * (n != 1)}", "",
              f"Written by `{command}` in {result['wall_seconds'] / 60:.1f} min ({result['device']}, "
              f"{result['threads']} thread(s), torch {result['torch']}).", "",
              f"Every split (data seed) gets its own zoo ({runs} runs, trained on that "
              f"split), its own {flow} flow (RT d={cfg['d_model']} × {cfg['num_layers']}, {cfg['steps']} steps, "
-             f"aligned, coupling {cfg['coupling']}, prior σ = the zoo's init σ) and {cfg['samples']} samples "
+             f"aligned, coupling {cfg['coupling']}, prior σ = the zoo's init σ, {noise_text}) and {cfg['samples']} samples "
              f"({cfg['sample_steps']} Euler steps), scored on that split's test set; mean ± std over networks. "
              "Trained = the zoo's final checkpoints.", ""]
     if cls:
@@ -177,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=None, help="zoo runs (default: the task recipe's)")
     p.add_argument("--epochs", type=int, default=None, help="zoo epochs (default: the recipe's)")
     p.add_argument("-n", "--samples", type=int, default=100)
+    p.add_argument("--path-noise", type=float, default=SIGMA, metavar="SIGMA",
+                   help=f"path noise of every split's flow, as `train --path-noise` (default {SIGMA}; 0 = plain flow matching)")
     p.add_argument("--compile", action="store_true", help="train the flows through torch.compile")
     p.add_argument("--resume", action="store_true",
                    help="continue every split's flow from its checkpoint in OUT/flows/seed<S> (after an interruption)")
@@ -204,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = SplitsConfig(task=args.task, data_seeds=tuple(args.data_seeds), flow=args.flow, steps=args.steps,
                            d_model=args.d_model, num_layers=args.layers, runs=args.runs, epochs=args.epochs,
                            samples=args.samples, seed=args.seed, compile=args.compile,
-                           resume=args.resume)
+                           path_noise=args.path_noise, resume=args.resume)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
