@@ -11,8 +11,9 @@
 Supported modules: :class:`~metaflow_ws.nets.spec.MLP` and ``nn.Sequential(Linear, act, Linear, ..., Linear)``
 with biases and one activation module (``ReLU``, ``LeakyReLU``, ``Tanh``, ``GELU``, ``Sigmoid``, ``Identity``)
 between consecutive linears. A module whose architecture differs from the flow's is an error naming both; a
-module that differs only in hidden widths can be initialized by architecture transfer
-(``width_transfer=True``, see :meth:`~metaflow_ws.flows.flow.WeightFlow.for_spec`).
+module that differs only in its hidden layers (widths, and depth where the flow's field has an interior layer
+to reuse) can be initialized by architecture transfer (``width_transfer=True``, see
+:meth:`~metaflow_ws.flows.flow.WeightFlow.for_spec`).
 
 Samples are **rebalanced** by default (:func:`balance_scales`): scale-canonical flows decode to networks whose
 hidden rows have unit norm and whose last layer carries the whole logit scale; moving scale between a neuron's
@@ -130,11 +131,11 @@ def _flow_for(flow: WeightFlow, spec: NetworkSpec, width_transfer: bool, what: s
     if spec == flow.spec:
         return flow
     own = flow.spec
-    same_frame = (spec.num_layers, spec.in_features, spec.out_features, spec.activation) == (
-        own.num_layers, own.in_features, own.out_features, own.activation)
+    same_frame = (spec.in_features, spec.out_features, spec.activation) == (
+        own.in_features, own.out_features, own.activation)
     if width_transfer and same_frame:
-        return flow.for_spec(spec)
-    hint = ("only the hidden widths differ: pass width_transfer=True to sample it by architecture transfer"
+        return flow.for_spec(spec)  # other hidden widths; another depth where the field has layers to reuse
+    hint = ("only the hidden layers differ: pass width_transfer=True to sample it by architecture transfer"
             if same_frame else "train a flow on a zoo of that architecture")
     raise ValueError(f"the {what} is an {spec.describe()} but the {flow.config.flow} flow generates "
                      f"{own.describe()} networks; {hint}")
@@ -257,7 +258,7 @@ def sample_params(
 ) -> Params:
     """Draw ``n`` networks as a batch ``{name: [n, ...]}`` (ordinary weights, on the flow's device).
 
-    ``spec``: another hidden width (architecture transfer, :meth:`WeightFlow.for_spec`). ``task`` / ``data``
+    ``spec``: other hidden widths or depth (architecture transfer, :meth:`WeightFlow.for_spec`). ``task`` / ``data``
     give the guidance batch when ``sample_config.guidance > 0``. ``cond``: task embedding ``(cond_dim,)``,
     ``(1, cond_dim)`` or ``(n, cond_dim)`` for task-conditioned flows. ``balance``: rebalance the ReLU scales
     (:func:`balance_scales`: same functions, trained-like per-layer norms); ``False`` returns
@@ -305,7 +306,7 @@ def sample_modules(
     """Draw ``n`` networks as modules: :class:`MLP` s of the flow's architecture (or of ``spec=``), or the
     modules ``factory()`` builds (e.g. an ``nn.Sequential``), each loaded with one sample.
 
-    Keyword arguments as :func:`sample_params`; ``width_transfer`` lets ``factory`` build other hidden widths.
+    Keyword arguments as :func:`sample_params`; ``width_transfer`` lets ``factory`` build other hidden layers.
     """
     if factory is None:
         spec = kwargs.get("spec") or flow.spec
@@ -385,7 +386,8 @@ def init_(
         sample_config: solver, steps, noise and guidance strength (default ``SampleConfig()``).
         generator: source of all random draws (reproducible initializations).
         cond: task embedding for task-conditioned flows.
-        width_transfer: allow a module that differs from the flow's architecture only in hidden widths.
+        width_transfer: allow a module that differs from the flow's architecture only in its hidden layers
+            (widths; depth where :meth:`WeightFlow.for_spec` can continue the field's layers).
         balance: rebalance the ReLU scales of the sample (:func:`balance_scales`; same function, trained-like
             per-layer norms: SGD from a raw scale-canonical sample can diverge). Pass ``False`` before training
             with Adam, which trains faster from the decoded scales (:func:`warm_start` chooses by itself).

@@ -106,3 +106,34 @@ def test_the_split_travels_from_zoo_to_flow_to_samples_to_evaluate(capsys, tmp_p
     ev = run_json(capsys, ["evaluate", "--task", "breast_cancer", "--weights", str(tmp_path / "s.safetensors"),
                            "--json"])
     assert ev["data_seed"] == 3
+
+
+def test_architecture_transfer_from_the_command_line(capsys, tmp_path):
+    """`sample --widths` draws networks of another depth from a flow (guided by the task at that depth too),
+    `evaluate` scores them as they are, and `zoo --widths` trains their reference."""
+    from metaflow_ws.io import Zoo
+    from metaflow_ws.nets import NetworkSpec
+
+    zoo, flow, out = tmp_path / "zoo.safetensors", tmp_path / "flow", tmp_path / "deep.safetensors"
+    run_json(capsys, ["zoo", "breast_cancer", "--runs", "3", "--epochs", "2", "--out", str(zoo), "--json"])
+    assert main(["train", "--zoo", str(zoo), "--flow", "geometric", "--steps", "2", "--batch-size", "4",
+                 "--d-model", "8", "--layers", "1", "--out", str(flow), "--json"]) == 0
+    capsys.readouterr()
+    run_json(capsys, ["sample", "--flow", str(flow), "--widths", "30-8-8-8-2", "-n", "3", "--steps", "2",
+                      "--guidance", "1", "--task", "breast_cancer", "--out", str(out), "--json"])
+    deep = Zoo.load(out)
+    assert deep.spec == NetworkSpec((30, 8, 8, 8, 2)) and deep.task == "breast_cancer[30-8-8-8-2]"
+    ev = run_json(capsys, ["evaluate", "--task", "breast_cancer", "--weights", str(out), "--json"])
+    assert ev["n"] == 3 and ev["task"] == "breast_cancer[30-8-8-8-2]" and 0 <= ev["accuracy_mean"] <= 1
+    ref = run_json(capsys, ["zoo", "breast_cancer", "--widths", "30-8-8-8-2", "--runs", "2", "--epochs", "1",
+                            "--out", str(tmp_path / "ref.safetensors"), "--json"])
+    assert ref["params"] == NetworkSpec((30, 8, 8, 8, 2)).num_params
+    # other input sizes are clear errors; so is text that is not a list of widths
+    assert main(["sample", "--flow", str(flow), "--widths", "31-8-2", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "30 inputs" in capsys.readouterr().err
+    assert main(["zoo", "breast_cancer", "--widths", "30-8-3", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "must be positive, start with 30 and end with 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "breast_cancer", "--widths", "30-x-2", "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "expected layer widths like 30-16-16-2" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -142,11 +142,12 @@ def test_missing_task_data_is_a_clear_error(flow):
         init_(MLP((30, 16, 16, 2)), flow, sample_config=SampleConfig(steps=2, guidance=0.1))
 
 
-def test_width_transfer_loads_the_transferred_sample(flow, support):
-    spec = NetworkSpec((30, 32, 8, 2))
+@pytest.mark.parametrize("widths", [(30, 32, 8, 2), (30, 16, 12, 16, 2)])  # another width, another depth
+def test_width_transfer_loads_the_transferred_sample(flow, support, widths):
+    spec = NetworkSpec(widths)
     sd = sample_state_dicts(flow, 1, spec=spec, sample_config=FAST, generator=_gen(4))[0]
     module = init_(MLP(spec.widths), flow, width_transfer=True, sample_config=FAST, generator=_gen(4))
-    assert sd["layers.0.weight"].shape == (32, 30)
+    assert sd["layers.0.weight"].shape == (widths[1], 30) and len(sd) == 2 * spec.num_layers
     assert torch.equal(module(support[0]), spec.forward(sd, support[0]))
 
 

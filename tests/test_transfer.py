@@ -73,13 +73,62 @@ def test_new_path_on_the_same_spec_is_bit_identical():
 
 def test_wrong_depth_or_io_sizes_are_clear_errors():
     m = _model()
-    for spec, what in [(NetworkSpec((6, 3, 4, 2)), "inputs"), (NetworkSpec((5, 3, 4, 3)), "outputs"),
-                       (NetworkSpec((5, 3, 2)), "linear layers")]:
+    for spec, what in [(NetworkSpec((6, 3, 4, 2)), "inputs"), (NetworkSpec((5, 3, 4, 3)), "outputs")]:
         x = torch.zeros(1, spec.num_params + 1, dtype=F64)
         with pytest.raises(ValueError, match=rf"MLP 5-3-4-2.*{what}.*{spec.describe().split()[1]}"):
             m(x, 0.5, spec=spec)
+    none = NetworkSpec((5, 2))
+    with pytest.raises(ValueError, match="MLP 5-3-4-2.*MLP 5-2.*needs a hidden layer"):
+        m(torch.zeros(1, none.num_params + 1, dtype=F64), 0.5, spec=none)
+    shallow = _model(NetworkSpec((5, 3, 2)))  # no hidden-to-hidden layer to lend a deeper network
+    deep = NetworkSpec((5, 3, 3, 2))
+    with pytest.raises(ValueError, match="MLP 5-3-2.*no hidden-to-hidden.*MLP 5-3-3-2.*two or more hidden"):
+        shallow(torch.zeros(1, deep.num_params + 1, dtype=F64), 0.5, spec=deep)
     with pytest.raises(ValueError, match=r"\(B, 105\).*MLP 5-7-6-2"):
         m(torch.zeros(1, 10, dtype=F64), 0.5, spec=WIDE)
+
+
+def test_layer_map_keeps_the_ends_and_stretches_the_interior():
+    from metaflow_ws.models.relational_transformer import layer_map
+
+    own = NetworkSpec((30, 16, 16, 2))
+    assert layer_map(own, NetworkSpec((30, 8, 8, 2))) == ((0, 1, 2), (0, 1, 2, 3))  # same depth: identity
+    # deeper: both hidden-to-hidden layers continue the one the field learned; first/last hidden neurons keep theirs
+    assert layer_map(own, NetworkSpec((30, 16, 16, 16, 2))) == ((0, 1, 1, 2), (0, 1, 2, 2, 3))
+    assert layer_map(own, NetworkSpec((30, 16, 2))) == ((0, 2), (0, 2, 3))  # shallower: no interior layer left
+    assert layer_map(NetworkSpec((30, 9, 9, 9, 9, 2)), NetworkSpec((30, 9, 9, 2))) == ((0, 2, 4), (0, 1, 4, 5))
+
+
+DEEP = NetworkSpec((5, 3, 4, 6, 2))
+
+
+@pytest.mark.parametrize("backend", ["blocks", "scatter"])
+def test_rt_on_a_deeper_spec_is_permutation_equivariant(backend):
+    """The field of a 5-3-4-2 model run on 5-3-4-6-2 networks: every hidden layer, the new one included, stays
+    exchangeable, and the deeper network's first and last layers read out through the model's first and last heads."""
+    m = _model(backend=backend)
+    g = _gen(4)
+    x = torch.randn(3, DEEP.num_params + 1, generator=g, dtype=F64)
+    t = torch.rand(3, generator=g, dtype=F64)
+    perms = {1: torch.randperm(3, generator=g), 2: torch.randperm(4, generator=g), 3: torch.randperm(6, generator=g)}
+    y = m(x, t, spec=DEEP)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    torch.testing.assert_close(m(_permute_flat(DEEP, x, perms), t, spec=DEEP), _permute_flat(DEEP, y, perms),
+                               rtol=0, atol=1e-10)
+    topo = m.topology(DEEP)
+    assert topo.linear_src == (0, 1, 1, 2) and topo.neuron_src == (0, 1, 2, 2, 3)
+    # zeroing the model's middle weight head zeroes exactly the weights of both interior layers
+    with torch.no_grad():
+        m.edge_head.weight[1].zero_()
+        m.edge_head.bias[1].zero_()
+    y = m(x, t, spec=DEEP)
+    o = DEEP.offsets
+    for name in ("layers.1.weight", "layers.2.weight"):
+        a, b = o[name]
+        assert y[:, a:b].abs().max() < 1e-12, name
+    for name in ("layers.0.weight", "layers.3.weight"):
+        a, b = o[name]
+        assert y[:, a:b].abs().max() > 1e-3, name
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +170,33 @@ def test_flow_for_spec(flows, kind, tmp_path):
     assert torch.equal(sample(again, 3, SampleConfig(steps=3), generator=_gen(0)), x)
 
 
+@pytest.mark.parametrize("kind", ["euclidean", "geometric"])
+def test_flow_for_spec_to_another_depth(flows, kind, tmp_path):
+    flow = flows[kind]
+    for spec, src in [(NetworkSpec((30, 16, 16, 16, 2)), (0, 1, 1, 2)), (NetworkSpec((30, 12, 2)), (0, 2))]:
+        f = flow.for_spec(spec)
+        assert f.spec == spec and f.field is flow.field and f.config.field_widths == (30, 16, 16, 2)
+        o, n = flow.spec.offsets, spec.offsets
+        for i, j in enumerate(src):  # each layer takes the scale of the layer it continues, with the fan-in rule
+            torch.testing.assert_close(f.scale[n[f"layers.{i}.weight"][0]],
+                                       flow.scale[o[f"layers.{j}.weight"][0]] * (flow.spec.widths[j] / spec.widths[i]) ** 0.5)
+            torch.testing.assert_close(f.scale[n[f"layers.{i}.bias"][0]], flow.scale[o[f"layers.{j}.bias"][0]])
+        x = sample(f, 3, SampleConfig(steps=3), generator=_gen(0))
+        params = f.decode(x)
+        assert [params[f"layers.{i}.weight"].shape[1:] for i in range(spec.num_layers)] == \
+            [(spec.widths[i + 1], spec.widths[i]) for i in range(spec.num_layers)]
+        assert all(torch.isfinite(v).all() for v in params.values())
+        # it saves and reloads as a flow of the new depth whose field keeps the source's layers
+        f.save_pretrained(tmp_path / f"d{spec.num_layers}")
+        again = WeightFlow.from_pretrained(tmp_path / f"d{spec.num_layers}")
+        assert again.spec == spec and again.field.spec == flow.spec
+        assert torch.equal(sample(again, 3, SampleConfig(steps=3), generator=_gen(0)), x)
+
+
 def test_flow_for_spec_errors(flows):
     flow = flows["geometric"]
-    with pytest.raises(ValueError, match="MLP 30-16-16-2.*linear layers.*MLP 30-16-2"):
-        flow.for_spec(NetworkSpec((30, 16, 2)))
+    with pytest.raises(ValueError, match="MLP 30-16-16-2.*MLP 30-2.*needs a hidden layer"):
+        flow.for_spec(NetworkSpec((30, 2)))
     with pytest.raises(ValueError, match="MLP 30-16-16-2.*outputs.*MLP 30-16-16-3"):
         flow.for_spec(NetworkSpec((30, 16, 16, 3)))
     with pytest.raises(ValueError, match="another activation"):

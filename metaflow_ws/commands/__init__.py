@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["add_common", "progress_bar"]
+__all__ = ["add_common", "parse_widths", "progress_bar"]
 
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, device: bool = True, seed: bool = True) -> None:
@@ -15,6 +15,18 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, device: bo
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"30-16-16-16-2"`` → ``(30, 16, 16, 16, 2)`` (an argparse ``type``: bad text is a usage error)."""
+    try:
+        widths = tuple(int(w) for w in text.split("-"))
+    except ValueError:
+        widths = ()
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected layer widths like 30-16-16-2 (inputs-hidden...-outputs); "
+                                         f"got {text!r}")
+    return widths
 
 
 def add_speed_options(p: argparse.ArgumentParser, what: str = "train the vector field") -> None:

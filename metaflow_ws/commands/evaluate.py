@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
     zoo = Zoo.load(args.weights)
     if args.final:
         zoo = zoo.final()
+    if zoo.spec != task.spec and zoo.spec.activation == task.spec.activation:
+        try:  # networks of other hidden layers (architecture transfer) are scored on the task's data as they are
+            task = task.with_widths(zoo.spec.widths)
+        except ValueError:
+            pass  # other input/output sizes: evaluate_zoo names both architectures
     if args.data_seed is not None and args.data_seed != zoo.data_seed and "data_seed" in zoo.seeds:
         print(f"warning: {args.weights} was trained on split {zoo.data_seed} (data seed); scoring it on split "
               f"{args.data_seed} puts some of its training points in the {args.split} set. Leave out --data-seed "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common, add_speed_options
+from metaflow_ws.commands import add_common, add_speed_options, parse_widths
 
 NAME = "sample"
 HELP = "sample N networks from a trained flow (Euler/Heun, stochastic, guided)"
@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "x1, the flow's prediction of the network the sample is heading for")
     p.add_argument("--task", default=None, help="task whose training loss guides sampling")
     p.add_argument("--guidance-batch", type=int, default=256, help="training points used for guidance")
+    p.add_argument("--widths", type=parse_widths, default=None, metavar="W",
+                   help="architecture transfer: sample networks of other hidden layers than the flow's, e.g. "
+                        "30-16-16-16-2 (same inputs and outputs; other depths need a flow trained on networks "
+                        "with two or more hidden layers)")
     p.add_argument("--out", required=True, help="output zoo-format .safetensors file")
     add_speed_options(p, "run the vector field")
     add_common(p)
@@ -48,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ValueError(f"-n must be ≥ 1; got {args.num}")
     device = resolve_device(args.device)
+    from metaflow_ws.nets import NetworkSpec
+
     flow = WeightFlow.from_pretrained(args.flow, device=device)
+    own = flow.spec
+    if args.widths is not None:
+        flow = flow.for_spec(NetworkSpec(args.widths, own.activation))
     data_seed = int(flow.meta.get("zoo_data_seed", 0))  # the split of the zoo the flow learned from
     cfg = SampleConfig(steps=args.steps, solver=args.solver, noise=args.noise, noise_window=tuple(args.noise_window),
                        guidance=args.guidance, guidance_normalize=args.guidance_normalize,
@@ -58,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if args.task is None:
             raise ValueError("--guidance needs --task TASK (whose training loss guides the samples)")
         task = get_task(args.task)
+        if args.widths is not None:
+            task = task.with_widths(args.widths)
         flow.check_spec(task.spec, what=f"task {task.name!r}")
         d = task.data(data_seed, device=device)
         g = torch.Generator().manual_seed(args.seed)
@@ -70,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
     if not all(torch.isfinite(v).all() for v in params.values()):
         raise FloatingPointError("sampling produced NaN/inf weights; try more --steps or a smaller --guidance")
     seconds = time.perf_counter() - t0
-    zoo = Zoo.from_params(args.task or flow.config.task, flow.spec, {k: v.cpu() for k, v in params.items()},
+    name = args.task or flow.config.task
+    if flow.spec != own:
+        name = f"{name}[{'-'.join(map(str, flow.spec.widths))}]"
+    zoo = Zoo.from_params(name, flow.spec, {k: v.cpu() for k, v in params.items()},
                           seeds={"seed": args.seed, "data_seed": data_seed},
                           info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
                                 "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common
+from metaflow_ws.commands import add_common, parse_widths
 
 NAME = "zoo"
 HELP = "train R networks of a task at once (vmap) and save the checkpoints as a zoo"
@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
     p.add_argument("--data-dir", default=None, help="folder with MNIST-like IDX files (mnist, fashion_mnist)")
+    p.add_argument("--widths", type=parse_widths, default=None, metavar="W",
+                   help="train networks of other hidden layers than the task's, e.g. 30-16-16-16-2 (same inputs and "
+                        "outputs; the reference for architecture transfer, `sample --widths`)")
     p.add_argument("--family", type=int, default=None, metavar="T",
                    help="family zoo: train on T member tasks of the family (sinusoid: task_seed 0..T-1; "
                         "digits_permuted: permutation_seed), --runs networks per task, one shared init")
@@ -35,6 +38,8 @@ def task_from_args(args: argparse.Namespace):
         if task.builder not in ("mnist", "fashion_mnist"):
             raise ValueError(f"--data-dir only applies to mnist/fashion_mnist tasks, not {task.name!r}")
         task = task.variant(root=args.data_dir)
+    if getattr(args, "widths", None):
+        task = task.with_widths(args.widths)
     return task
 
 

@@ -513,8 +513,7 @@ def architecture_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, de
     widths = [flow.spec.widths, *[tuple(w) for w in cfg.arch_widths if tuple(w) != flow.spec.widths]]
     for w in widths:
         spec = NetworkSpec(w, flow.spec.activation)
-        task = pair.source if spec == flow.spec else dataclasses.replace(
-            pair.source, spec=spec, name=f"{pair.source.name}[{'-'.join(map(str, w))}]")
+        task = pair.source if spec == flow.spec else pair.source.with_widths(w)
         f = flow.for_spec(spec)
         support = _support(task, device)
         row: dict[str, Any] = {"widths": list(w), "architecture": spec.describe(), "transferred": spec != flow.spec}
@@ -532,9 +531,23 @@ def architecture_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, de
         rows.append(row)
         log(f"    {spec.describe()}: " + ", ".join(f"{n} {row[n]['accuracy_mean']:.3f}" for n in _arch_columns(row)))
     return {"source": pair.source.name, "flow_architecture": flow.spec.describe(), "guidance": cfg.arch_guidance,
-            "steps": cfg.arch_steps, "samples": cfg.samples, "rows": rows,
-            "depth": "not supported: the vector field's value maps, positional embeddings and readout heads are "
-                     "per layer, so a network with another number of layers has layers without trained embeddings"}
+            "steps": cfg.arch_steps, "samples": cfg.samples, "rows": rows, "depth": _depth_note(flow.spec, widths)}
+
+
+def _depth_note(spec: NetworkSpec, widths: Sequence[Sequence[int]]) -> str:
+    """What the architecture-transfer table says about depth for a source flow of ``spec``."""
+    from metaflow_ws.models.relational_transformer import layer_map
+
+    if any(len(w) != len(spec.widths) for w in widths):
+        return "other depths are in the table (interior layers continue the source's interior layers)"
+    deeper = NetworkSpec((*spec.widths[:-1], spec.widths[-2], spec.widths[-1]), spec.activation)
+    try:
+        layer_map(spec, deeper)
+    except ValueError:
+        return (f"not possible from this source: {spec.describe()} has no hidden-to-hidden layer whose embeddings "
+                "a deeper network could reuse (flows trained on networks with two or more hidden layers transfer "
+                "to other depths through `WeightFlow.for_spec`)")
+    return "not swept here (`TransferConfig.arch_widths` takes other depths)"
 
 
 # -------------------------------------------------------------------------------------------------- driver
@@ -855,7 +868,7 @@ def _findings(res: dict[str, Any]) -> list[str]:
         if row["transferred"]:
             out.append(f"{row['architecture']}: " + ", ".join(f"{n} {row[n]['accuracy_mean']:.3f}"
                                                                for n in _arch_columns(row)) + ".")
-    out.append("Depth transfer is not supported (per-layer embeddings); widths only.")
+    out.append(f"Depth: {res['architecture_transfer']['depth']}.")
     return out
 
 

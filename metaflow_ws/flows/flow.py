@@ -5,7 +5,7 @@ path's geometry: ``(x̂1 − x_t)/(1 − t)`` (Euclidean) or ``log_{x_t}(x̂1)/(
 outputs are scaled per parameter block by fixed statistics of the training data (:attr:`scale`), so that layers
 of very different magnitude (e.g. unit rows with 784 entries) reach the model on a common scale.
 
-Architecture transfer: :meth:`WeightFlow.for_spec` gives a flow for another hidden width (same depth and
+Architecture transfer: :meth:`WeightFlow.for_spec` gives a flow for another hidden width or depth (same
 input/output sizes) that shares this flow's vector field; see its docstring for the coordinates and scales.
 """
 
@@ -118,12 +118,17 @@ class FlowConfig:
     #: next to x_t, so that the flow can model a zoo that lives in one permutation basin, such as a family zoo
     #: trained from one shared initialization (see ``RelationalTransformer(anchor=True)``)
     anchor: bool = False
+    #: architecture the vector field was built for, when it is not ``widths``: a flow moved to another depth by
+    #: :meth:`WeightFlow.for_spec` keeps its field's per-layer parameters (None: ``widths``)
+    field_widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r}; expected one of {list(FLOWS)}")
         check_path_noise(self.sigma)
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.field_widths is not None:
+            object.__setattr__(self, "field_widths", tuple(int(w) for w in self.field_widths))
         if self.encoder is not None:
             if self.cond_dim < 1:
                 raise ValueError("a flow with a support-set encoder needs cond_dim ≥ 1 (the embedding size)")
@@ -135,8 +140,14 @@ class FlowConfig:
     def spec(self) -> NetworkSpec:
         return NetworkSpec(self.widths, self.activation)
 
+    @property
+    def field_spec(self) -> NetworkSpec:
+        """Architecture the vector field's per-layer parameters were built for (usually :attr:`spec`)."""
+        return NetworkSpec(self.field_widths, self.activation) if self.field_widths is not None else self.spec
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"widths": list(self.widths)}
+        d = dataclasses.asdict(self) | {"widths": list(self.widths)}
+        return d | {"field_widths": list(self.field_widths)} if self.field_widths is not None else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FlowConfig:
@@ -160,7 +171,7 @@ class WeightFlow(nn.Module):
         self.meta: dict[str, Any] = {}
         self.coords = WeightCoordinates(config.spec, config.flow)
         self.field = RelationalTransformer(
-            config.spec,
+            config.field_spec,
             d_model=config.d_model,
             num_layers=config.num_layers,
             heads=config.heads,
@@ -331,27 +342,29 @@ class WeightFlow(nn.Module):
         """Raise when ``spec`` is not this flow's architecture."""
         if spec != self.spec:
             hint = "train a flow on a zoo of that architecture"
-            if (spec.num_layers, spec.in_features, spec.out_features, spec.activation) == (
-                    self.spec.num_layers, self.spec.in_features, self.spec.out_features, self.spec.activation):
-                hint += " (or transfer this one to the new hidden widths with flow.for_spec(spec))"
+            if (spec.in_features, spec.out_features, spec.activation) == (
+                    self.spec.in_features, self.spec.out_features, self.spec.activation):
+                hint += " (or transfer this one to the new architecture with flow.for_spec(spec))"
             raise ValueError(
                 f"this {self.config.flow} flow generates {self.spec.describe()} networks but the {what} uses "
                 f"{spec.describe()}; {hint}"
             )
 
     def for_spec(self, spec: NetworkSpec) -> WeightFlow:
-        """This flow for networks of another hidden width (architecture transfer); ``self`` when ``spec`` is
+        """This flow for networks of another architecture (architecture transfer); ``self`` when ``spec`` is
         this flow's own.
 
         The returned flow shares this flow's vector field and support-set encoder (same parameters; the field
-        runs on the graph topology of ``spec``); only depth, input/output sizes and activation must match
-        (layers have their own embeddings, see :mod:`metaflow_ws.models.relational_transformer`). Its
-        coordinates, prior and geometry are those of ``spec``. The per-block scale is carried over with a fan-in rule: every weight
-        block's scale is multiplied by ``sqrt(fan_in_old / fan_in_new)`` (exact for the canonical
-        coordinates, whose hidden rows have unit norm and whose last layer has unit Frobenius norm; He-like
-        for Euclidean weights), bias and global blocks keep theirs, so the field sees inputs of the same
-        per-entry magnitude as in training. Saved with :meth:`save_pretrained`, it reloads as a flow of
-        ``spec``.
+        runs on the graph topology of ``spec``). Input/output sizes and activation must match; hidden widths
+        may change freely, depth where the field has layers to reuse (a deeper network's extra interior layers
+        take the embeddings of the interior layer at the same relative depth, so the source needs two or more
+        hidden layers; see :func:`~metaflow_ws.models.relational_transformer.layer_map`). Its coordinates,
+        prior and geometry are those of ``spec``. The per-block scale is carried over with a fan-in rule: every
+        weight block takes the scale of the source layer it maps to times ``sqrt(fan_in_old / fan_in_new)``
+        (exact for the canonical coordinates, whose hidden rows have unit norm and whose last layer has unit
+        Frobenius norm; He-like for Euclidean weights), bias and global blocks keep theirs, so the field sees
+        inputs of the same per-entry magnitude as in training. Saved with :meth:`save_pretrained`, it reloads as
+        a flow of ``spec`` (``FlowConfig.field_widths`` records the field's own architecture).
         """
         if spec == self.spec:
             return self
@@ -361,18 +374,26 @@ class WeightFlow(nn.Module):
         if spec.activation != self.spec.activation:
             raise ValueError(f"this {self.config.flow} flow generates {self.spec.describe()} networks; it cannot "
                              f"generate {spec.describe()} (another activation)")
+        from metaflow_ws.models.relational_transformer import layer_map
+
         self.field.check_spec(spec)
+        field_spec = self.field.spec
+        field_widths = None if field_spec.num_layers == spec.num_layers else field_spec.widths
         with torch.random.fork_rng(devices=[]):  # the throw-away modules of the new flow leave the RNG alone
-            new = WeightFlow(dataclasses.replace(self.config, widths=spec.widths))
+            new = WeightFlow(dataclasses.replace(self.config, widths=spec.widths, field_widths=field_widths))
         new.field, new.encoder = self.field, self.encoder  # shared with this flow
-        old_blocks, new_blocks = _blocks(self.spec, self.dim), _blocks(spec, new.dim)
+        src, _ = layer_map(self.spec, spec)  # which of this flow's layers each new layer continues
+        own = self.spec.offsets
         scale = torch.empty(new.dim, dtype=self.scale.dtype, device=self.scale.device)
-        for name, (a, _), (c, d) in zip([*self.spec.names, "globals"], old_blocks, new_blocks):
-            s = self.scale[a]
-            if name.endswith(".weight"):
-                layer = int(name.split(".")[1])
-                s = s * (self.spec.widths[layer] / spec.widths[layer]) ** 0.5
+        for name, (c, d) in spec.offsets.items():
+            _, layer, kind = name.split(".")
+            j = src[int(layer)]
+            s = self.scale[own[f"layers.{j}.{kind}"][0]]
+            if kind == "weight":
+                s = s * (self.spec.widths[j] / spec.widths[int(layer)]) ** 0.5
             scale[c:d] = s
+        if new.dim > spec.num_params:  # the global tail (log-scale) keeps its scale
+            scale[spec.num_params:] = self.scale[self.spec.num_params]
         new = new.to(self.scale.device)
         new.scale = scale
         new._set_prior_rms()

@@ -95,7 +95,7 @@ def sample(
     """Integrate the flow from prior draws to ``[n, dim]`` samples on the data manifold.
 
     ``guidance_data = (x, y, kind)`` is required when ``config.guidance > 0`` (a fixed batch of the target task).
-    ``spec``: draw networks of another hidden width (architecture transfer): the samples are coordinates of
+    ``spec``: draw networks of other hidden widths or depth (architecture transfer): the samples are coordinates of
     ``flow.for_spec(spec)``; decode them with that flow.
     """
     if spec is not None:

@@ -36,11 +36,15 @@ backends compute the same function (tested equal):
 
 Everything is vectorized over the batch (leading dim), the only Python loops run over target-network layers.
 
-**Other hidden widths.** The parameters depend only on the number of linear layers and the input/output sizes
+**Other architectures.** The parameters depend only on the number of linear layers and the input/output sizes
 (hidden neurons are exchangeable and share their layer's embeddings), so one model runs on every spec with the
-same depth and input/output sizes: ``forward(x, t, cond, spec=other)`` builds (and caches per device) the
-neural-graph topology of ``other``. Depth cannot change: value maps, positional embeddings and readout heads
-are indexed by layer, and a new layer would have no trained embedding.
+same input/output sizes: ``forward(x, t, cond, spec=other)`` builds (and caches per device) the neural-graph
+topology of ``other``. Other hidden widths need nothing more. Another *depth* reuses the per-layer value maps,
+positional embeddings and readout heads through :func:`layer_map`: the first and last layers keep theirs and
+every interior layer takes the embedding of an interior layer of the model's own spec at the same relative
+depth (so 30-16-16-2 → 30-16-16-16-2 gives both hidden-to-hidden layers the one the model learned). That needs an
+interior layer to copy: a model built for a one-hidden-layer spec (64-10-10) has no hidden-to-hidden linear
+layer and cannot run deeper networks, and no model runs networks without a hidden layer.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from metaflow_ws.graph.neural_graph import neural_graph
 from metaflow_ws.nets.spec import NetworkSpec
 
-__all__ = ["AUTO_CHECKPOINT_ELEMENTS", "Backend", "RTLayer", "RelationalTransformer", "sinusoidal_embedding"]
+__all__ = ["AUTO_CHECKPOINT_ELEMENTS", "Backend", "RTLayer", "RelationalTransformer", "layer_map",
+           "sinusoidal_embedding"]
 
 Backend = Literal["blocks", "scatter"]
 
@@ -89,12 +94,60 @@ def _film_linear(x_hat: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, bia
     return torch.baddbmm(b_b.unsqueeze(1), x_hat, w_b)
 
 
-class _Topology(nn.Module):
-    """Index buffers and layer offsets of the neural graph (moves with the model's ``.to(device)``)."""
+def _stretch(n_new: int, n_own: int) -> tuple[int, ...]:
+    """Map positions ``0..n_new-1`` onto ``0..n_own-1``: ends to ends, interior to interior at the same relative
+    depth (rounded half up). Needs ``n_own ≥ 3`` when ``n_new ≥ 3`` (an interior to map onto)."""
+    if n_new == n_own:
+        return tuple(range(n_new))
+    out = [0] * n_new
+    out[-1] = n_own - 1
+    for i in range(1, n_new - 1):  # interior: 1..n_new-2 → 1..n_own-2
+        frac = (i - 1) / (n_new - 3) if n_new > 3 else 0.5
+        out[i] = 1 + math.floor(frac * (n_own - 3) + 0.5)
+    return tuple(out)
 
-    def __init__(self, spec: NetworkSpec) -> None:
+
+def layer_map(own: NetworkSpec, other: NetworkSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which of ``own``'s layers a vector field built for ``own`` uses for each layer of ``other``.
+
+    Returns ``(linear, neurons)``: for every linear layer of ``other`` the index of ``own``'s linear layer whose
+    value map, positional embedding and weight head it takes, and for every neuron layer (input, hidden…,
+    output) the index of ``own``'s neuron layer. The identity for the same depth; for another depth the first
+    and last layers map to ``own``'s first and last and interior layers to ``own``'s interior layers at the same
+    relative depth. Raises ``ValueError`` when ``other`` has interior layers and ``own`` none, when either has
+    no hidden layer, or when the input/output sizes differ.
+    """
+    if (other.in_features, other.out_features) != (own.in_features, own.out_features):
+        raise ValueError(f"a vector field built for {own.describe()} runs on networks with {own.in_features} inputs "
+                         f"and {own.out_features} outputs; got {other.describe()} (input and output neurons have "
+                         "their own index embeddings)")
+    n_own, n_new = own.num_layers, other.num_layers
+    if n_new != n_own:
+        if min(n_own, n_new) < 2:
+            raise ValueError(f"a vector field built for {own.describe()} cannot run {other.describe()}: depth "
+                             "transfer needs a hidden layer on both sides (its layers continue hidden layers)")
+        if n_new > 2 and n_own < 3:
+            raise ValueError(
+                f"a vector field built for {own.describe()} has no hidden-to-hidden linear layer whose embeddings "
+                f"a deeper network could reuse; it cannot run {other.describe()} (same depth: any hidden widths; "
+                "deeper networks need a flow trained on networks with two or more hidden layers)")
+    return _stretch(n_new, n_own), _stretch(n_new + 1, n_own + 1)
+
+
+class _Topology(nn.Module):
+    """Index buffers and layer offsets of the neural graph (moves with the model's ``.to(device)``).
+
+    ``node_layer`` / ``edge_layer`` index the *model's* per-layer parameters: for a spec of another depth they go
+    through :func:`layer_map` (``own``, the model's spec), and ``linear_src`` / ``neuron_src`` say which readout
+    column every linear / neuron layer of ``spec`` uses.
+    """
+
+    def __init__(self, spec: NetworkSpec, own: NetworkSpec | None = None) -> None:
         super().__init__()
         g = neural_graph(spec)
+        lin, neu = layer_map(own, spec) if own is not None else (tuple(range(spec.num_layers)),
+                                                                  tuple(range(spec.num_layers + 1)))
+        self.linear_src, self.neuron_src = lin, neu
         self.widths = spec.widths
         self.node_offsets = g.node_offsets
         self.edge_offsets = g.edge_offsets
@@ -107,8 +160,8 @@ class _Topology(nn.Module):
         self.register_buffer("source", g.source.clone(), persistent=False)
         self.register_buffer("target", g.target.clone(), persistent=False)
         self.register_buffer("receivers", torch.cat([g.target, g.source]), persistent=False)
-        self.register_buffer("node_layer", g.node_layer.clone(), persistent=False)
-        self.register_buffer("edge_layer", g.edge_layer.clone(), persistent=False)
+        self.register_buffer("node_layer", torch.tensor(neu, dtype=torch.long)[g.node_layer], persistent=False)
+        self.register_buffer("edge_layer", torch.tensor(lin, dtype=torch.long)[g.edge_layer], persistent=False)
 
 
 # ------------------------------------------------------------------------------------- aggregation backends
@@ -386,17 +439,10 @@ class RelationalTransformer(nn.Module):
         return torch.cat([pos[:n_in] + self.input_emb, pos[n_in:-n_out], pos[-n_out:] + self.output_emb], 0)
 
     def check_spec(self, spec: NetworkSpec) -> None:
-        """Raise ``ValueError`` unless this model can run on networks of ``spec``: same number of linear layers
-        and the same input and output sizes as the spec it was built for (hidden widths may differ)."""
-        own = self.spec
-        if (spec.num_layers, spec.in_features, spec.out_features) != (own.num_layers, own.in_features, own.out_features):
-            why = (f"{own.num_layers} linear layers" if spec.num_layers != own.num_layers else
-                   f"{own.in_features} inputs and {own.out_features} outputs")
-            raise ValueError(
-                f"this vector field was built for {own.describe()} and runs on networks with {why}; got "
-                f"{spec.describe()} (only hidden widths can change: layers have their own embeddings and "
-                "input/output neurons their own index embeddings)"
-            )
+        """Raise ``ValueError`` unless this model can run on networks of ``spec``: the same input and output
+        sizes as the spec it was built for, any hidden widths, and another depth where :func:`layer_map` has
+        layers to reuse."""
+        layer_map(self.spec, spec)
 
     def topology(self, spec: NetworkSpec | None = None, device: torch.device | None = None) -> _Topology:
         """Neural-graph index buffers for ``spec`` (default: the model's own), cached per (spec, device)."""
@@ -407,7 +453,7 @@ class RelationalTransformer(nn.Module):
         key = (spec, str(device))
         topo = self._topologies.get(key)
         if topo is None:
-            topo = self._topologies[key] = _Topology(spec).to(device)
+            topo = self._topologies[key] = _Topology(spec, self.spec).to(device)
         return topo
 
     def _check_inputs(
@@ -457,8 +503,9 @@ class RelationalTransformer(nn.Module):
                 (``D`` of ``spec``).
             t: ``(B,)`` flow time in ``[0, 1]`` (a scalar is broadcast).
             cond: ``(B, cond_dim)`` task embedding, or None (treated as zeros).
-            spec: architecture of the networks in ``x`` (default: the model's own). Hidden widths may differ
-                from the model's spec; depth and input/output sizes may not (``ValueError``).
+            spec: architecture of the networks in ``x`` (default: the model's own). Hidden widths and, where
+                :func:`layer_map` allows, depth may differ from the model's spec; input/output sizes may not
+                (``ValueError``).
             anchor: ``(D + n_globals,)`` or ``(B, D + n_globals)`` anchor network, in x's layout (models built
                 with ``anchor=True`` only, and then required).
 
@@ -517,9 +564,10 @@ class RelationalTransformer(nn.Module):
         node_out = _film_linear(h_hat, g_n, s_n, self.node_head.weight, self.node_head.bias)  # (B, N, L+1)
         edge_out = _film_linear(e_hat, g_e, s_e, self.edge_head.weight, self.edge_head.bias)  # (B, E, L)
         parts = []
+        lin, neu = topo.linear_src, topo.neuron_src
         for i in range(spec.num_layers):
-            parts.append(edge_out[:, topo.edge_offsets[i] : topo.edge_offsets[i + 1], i])
-            parts.append(node_out[:, topo.node_offsets[i + 1] : topo.node_offsets[i + 2], i + 1])
+            parts.append(edge_out[:, topo.edge_offsets[i] : topo.edge_offsets[i + 1], lin[i]])
+            parts.append(node_out[:, topo.node_offsets[i + 1] : topo.node_offsets[i + 2], neu[i + 1]])
         if self.globals_out is not None:
             pooled_h = h_hat.mean(1) * (1 + g_n) + s_n
             pooled_e = e_hat.mean(1) * (1 + g_e) + s_e

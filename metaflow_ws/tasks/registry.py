@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -135,6 +135,21 @@ class Task:
         args = {**self.dataset_args, **dataset_args}
         suffix = ",".join(f"{k}={v}" for k, v in sorted(dataset_args.items()))
         return dataclasses.replace(self, dataset_args=args, name=f"{self.name}[{suffix}]" if suffix else self.name)
+
+    def with_widths(self, widths: Sequence[int]) -> Task:
+        """This task (data, recipe, activation) with networks of other hidden layers, named e.g.
+        ``breast_cancer[30-16-16-16-2]``: the target of architecture transfer and its trained reference.
+        ``widths`` must keep the task's input and output sizes; the task itself when they equal its own."""
+        widths = tuple(int(w) for w in widths)
+        if widths == self.spec.widths:
+            return self
+        n_in, n_out = self.spec.in_features, self.spec.out_features
+        if len(widths) < 2 or (widths[0], widths[-1]) != (n_in, n_out) or min(widths) < 1:
+            raise ValueError(f"task {self.name!r} has {n_in} inputs and {n_out} outputs ({self.spec.describe()}); "
+                             f"widths {'-'.join(map(str, widths))} must be positive, start with {n_in} and end "
+                             f"with {n_out}")
+        return dataclasses.replace(self, spec=NetworkSpec(widths, self.spec.activation),
+                                   name=f"{self.name}[{'-'.join(map(str, widths))}]")
 
     def to_dict(self) -> dict:
         return {
