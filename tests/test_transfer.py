@@ -368,3 +368,31 @@ def test_findings_say_when_the_chosen_cell_is_on_the_edge_of_the_grid():
     # a cell guided at x̂1 is judged on the x̂1 grid: λ=10 is its largest even where the x_t grid goes to 30
     both = {"sweep": sweep + [row(lam, 512, at="x1") for lam in (3.0, 10.0)], "best_guided": row(10.0, 512, at="x1")}
     assert _grid_edge(both) == ["λ=10 is the largest swept"]
+
+
+def test_architecture_experiment_samples_other_widths_and_depths(flows, tmp_path, capsys):
+    from metaflow_ws.experiments.architecture import main, source_task
+
+    folder = tmp_path / "flow"
+    flows["geometric"].save_pretrained(folder, extra=flows["geometric"].meta)
+    out = tmp_path / "arch"
+    assert main(["--flow", str(folder), "--widths", "30-8-2", "30-8-8-8-2", "--out", str(out), "-n", "4",
+                 "--steps", "2", "--candidates", "2", "--trained-runs", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = res["architecture_transfer"]["rows"]
+    assert [r["widths"] for r in rows] == [[30, 16, 16, 2], [30, 8, 2], [30, 8, 8, 8, 2]]
+    assert [r["transferred"] for r in rows] == [False, True, True]
+    for r in rows:
+        for name in ("unguided", "guided", "guided, ∇ at x̂1", "guidance only", "trained"):
+            assert 0.0 <= r[name]["accuracy_mean"] <= 1.0, (r["architecture"], name)
+    text = (out / "README.md").read_text()
+    assert "| MLP 30-8-8-8-2 (relu) |" in text and "other depths are in the table" in text
+    assert (out / "architecture_transfer.png").read_bytes()[:4] == b"\x89PNG"
+    assert "python -m metaflow_ws.experiments.architecture --flow" in text
+    # the recorded task resolves at the flow's widths; bad architectures fail before any work
+    assert source_task(flows["geometric"]).name == "breast_cancer"
+    assert main(["--flow", str(folder), "--widths", "31-8-2", "--out", str(tmp_path / "bad")]) == 2
+    assert "31-8-2 must be positive, start with 30" in capsys.readouterr().err
+    assert main(["--flow", str(folder), "--widths", "30-8-2", "--task", "digits", "--out", str(tmp_path / "bad")]) == 2
+    assert "64-10-10" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

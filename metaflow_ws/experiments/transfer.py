@@ -44,7 +44,8 @@ from metaflow_ws.tasks.registry import Task, get_task
 from metaflow_ws.train.optim import SGD, Adam
 from metaflow_ws.train.population import fit_population, steps_per_epoch, train_population
 
-__all__ = ["PRESETS", "TransferConfig", "run_transfer", "write_results"]
+__all__ = ["PRESETS", "TransferConfig", "architecture_plot", "architecture_table", "architecture_transfer", "run_transfer",
+           "write_results"]
 
 PRESETS = ("tiny", "quick", "full")
 
@@ -505,15 +506,17 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
 
 
 # ---------------------------------------------------------------------------------- (c) architecture transfer
-def architecture_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, device: torch.device,
+def architecture_transfer(source: Task, flow: WeightFlow, cfg: TransferConfig, device: torch.device,
                           log: Callable[[str], None]) -> dict[str, Any]:
-    """The source flow sampling other hidden widths of the source task, with and without guidance."""
+    """``flow`` (trained on ``source``) sampling the architectures ``cfg.arch_widths`` of the source task (other
+    hidden widths; other depths where :meth:`WeightFlow.for_spec` allows), unguided, guided and by guidance
+    alone, next to networks trained at each architecture with the task's recipe."""
     rows = []
     k = cfg.candidates
     widths = [flow.spec.widths, *[tuple(w) for w in cfg.arch_widths if tuple(w) != flow.spec.widths]]
     for w in widths:
         spec = NetworkSpec(w, flow.spec.activation)
-        task = pair.source if spec == flow.spec else pair.source.with_widths(w)
+        task = source.with_widths(w)
         f = flow.for_spec(spec)
         support = _support(task, device)
         row: dict[str, Any] = {"widths": list(w), "architecture": spec.describe(), "transferred": spec != flow.spec}
@@ -530,7 +533,7 @@ def architecture_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, de
         row["trained"] = _trained(task, cfg.target_runs, cfg.target_epochs, cfg.seed, device)
         rows.append(row)
         log(f"    {spec.describe()}: " + ", ".join(f"{n} {row[n]['accuracy_mean']:.3f}" for n in _arch_columns(row)))
-    return {"source": pair.source.name, "flow_architecture": flow.spec.describe(), "guidance": cfg.arch_guidance,
+    return {"source": source.name, "flow_architecture": flow.spec.describe(), "guidance": cfg.arch_guidance,
             "steps": cfg.arch_steps, "samples": cfg.samples, "rows": rows, "depth": _depth_note(flow.spec, widths)}
 
 
@@ -583,7 +586,7 @@ def run_transfer(cfg: TransferConfig, out: str | Path | None = None, *, device: 
     results["seconds"]["learned_init"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     log("(c) architecture transfer")
-    results["architecture_transfer"] = architecture_transfer(digits, flows["digits"], cfg, device, log)
+    results["architecture_transfer"] = architecture_transfer(digits.source, flows["digits"], cfg, device, log)
     results["seconds"]["architecture_transfer"] = round(time.perf_counter() - t0, 1)
     results["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
     results["goals"] = _goals(results)
@@ -717,7 +720,17 @@ def _plots(res: dict[str, Any]) -> dict[str, bytes]:
         ax.legend(fontsize=6, loc="lower right")
     save(fig, "init_curves.png")
 
-    at = res["architecture_transfer"]
+    figs["architecture_transfer.png"] = architecture_plot(res["architecture_transfer"])
+    return figs
+
+
+def architecture_plot(at: dict[str, Any]) -> bytes:
+    """PNG bar chart of an :func:`architecture_transfer` result: accuracy per architecture and population."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = at["rows"]
     names = _arch_columns(rows[0])
     fig, ax = plt.subplots(figsize=(1.8 + 1.9 * len(rows), 4))
@@ -730,10 +743,29 @@ def _plots(res: dict[str, Any]) -> dict[str, bytes]:
                                       for r in rows])
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{at['flow_architecture']} flow on other hidden widths ({at['source']})", fontsize=9)
+    ax.set_title(f"{at['flow_architecture']} flow on other architectures ({at['source']})", fontsize=9)
     ax.legend(fontsize=7)
-    save(fig, "architecture_transfer.png")
-    return figs
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def architecture_table(at: dict[str, Any], k: int) -> list[str]:
+    """Markdown lines (description, plot, table) of an :func:`architecture_transfer` result; ``k``: best of k."""
+    cols = _arch_columns(at["rows"][0])
+    best_cols = [n for n in cols if n.startswith("guided")]
+    lines = [f"The {at['flow_architecture']} flow of `{at['source']}` samples other architectures with "
+             f"`flow.for_spec(spec)` ({at['samples']} samples, {at['steps']} steps; guided: λ={at['guidance']:g}, "
+             f"normalized, on the training split). Trained: the task recipe at that architecture. Depth: "
+             f"{at['depth']}.", "", "![architecture transfer](architecture_transfer.png)", "",
+             "| architecture | " + " | ".join(cols) + "".join(f" | best of {k} ({n})" for n in best_cols) + " |",
+             "|---" * (1 + len(cols) + len(best_cols)) + "|"]
+    for r in at["rows"]:
+        lines.append(f"| {r['architecture']}{'' if r['transferred'] else ' (the flow’s own)'} | "
+                     + " | ".join(_fmt(r[n]['accuracy_mean'], r[n]['accuracy_std']) for n in cols)
+                     + "".join(f" | {r[n][f'best_of_{k}_accuracy']:.3f}" for n in best_cols) + " |")
+    return lines
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
@@ -805,20 +837,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
                          f"| {st['default final'] if st['default final'] is not None else 'never'} | {ratio} "
                          f"| {st['0.8'] if st['0.8'] is not None else 'never'} | {st['0.9'] if st['0.9'] is not None else 'never'} |")
         lines.append("")
-    at = res["architecture_transfer"]
-    cols = _arch_columns(at["rows"][0])
-    best_cols = [n for n in cols if n.startswith("guided")]
-    lines += ["## (c) Architecture transfer", "",
-              f"The {at['flow_architecture']} flow of `{at['source']}` samples other hidden widths with "
-              f"`flow.for_spec(spec)` ({at['samples']} samples, {at['steps']} steps; guided: λ={at['guidance']:g}, "
-              f"normalized, on the training split). Trained: the task recipe at that width. Depth: {at['depth']}.",
-              "", "![architecture transfer](architecture_transfer.png)", "",
-              "| architecture | " + " | ".join(cols) + "".join(f" | best of {k} ({n})" for n in best_cols) + " |",
-              "|---" * (1 + len(cols) + len(best_cols)) + "|"]
-    for r in at["rows"]:
-        lines.append(f"| {r['architecture']}{'' if r['transferred'] else ' (the flow’s own)'} | "
-                     + " | ".join(_fmt(r[n]['accuracy_mean'], r[n]['accuracy_std']) for n in cols)
-                     + "".join(f" | {r[n][f'best_of_{k}_accuracy']:.3f}" for n in best_cols) + " |")
+    lines += ["## (c) Architecture transfer", "", *architecture_table(res["architecture_transfer"], k)]
     lines += ["", "## Wall times (s)", "", "| part | seconds |", "|---|---|"]
     lines += [f"| {k_} | {v:.0f} |" for k_, v in res["seconds"].items()]
     lines.append("")
