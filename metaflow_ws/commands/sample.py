@@ -47,13 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from metaflow_ws.errors import resolve_device
     from metaflow_ws.flows import SampleConfig, WeightFlow, sample
     from metaflow_ws.io import Zoo
+    from metaflow_ws.nets import NetworkSpec
     from metaflow_ws.tasks import get_task
 
     if args.num < 1:
         raise ValueError(f"-n must be ≥ 1; got {args.num}")
     device = resolve_device(args.device)
-    from metaflow_ws.nets import NetworkSpec
-
     flow = WeightFlow.from_pretrained(args.flow, device=device)
     own = flow.spec
     if args.widths is not None:

@@ -16,7 +16,6 @@ Run it with ``python -m metaflow_ws.experiments.architecture --flow results/brea
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -40,14 +39,16 @@ def source_task(flow: WeightFlow, name: str | None = None) -> Task:
 
     A recorded name such as ``mnist1d[40-10-10]`` (a task at other widths) resolves to the registered task
     ``mnist1d`` at those widths; a dataset variant (``digits_permuted[permutation_seed=1]``) needs ``name``."""
-    recorded = name or flow.meta.get("zoo_task") or flow.config.task
+    if name is not None:
+        return get_task(name).with_widths(flow.spec.widths)
+    recorded = flow.meta.get("zoo_task") or flow.config.task
     if not recorded:
         raise ValueError("the flow records no task; pass --task TASK (the task its zoo was trained on)")
-    base = get_task(recorded.split("[", 1)[0]) if name is None else get_task(name)
-    if "[" in recorded and name is None and base.with_widths(flow.spec.widths).name != recorded:
+    task = get_task(recorded.split("[", 1)[0]).with_widths(flow.spec.widths)
+    if "[" in recorded and task.name != recorded:
         raise ValueError(f"the flow was trained on {recorded!r}, a variant this experiment cannot rebuild from its "
                          "name; pass --task with the registered task to sample for")
-    return base.with_widths(flow.spec.widths)
+    return task
 
 
 def run_architecture(flow: WeightFlow, task: Task, cfg: TransferConfig, *, device: torch.device | None = None,
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     res = {**res, "command": command}
     atomic_write_bytes(out / "architecture_transfer.png", architecture_plot(res["architecture_transfer"]))
-    atomic_write_json(out / "results.json", json.loads(json.dumps(res, default=float)))
+    atomic_write_json(out / "results.json", res)
     atomic_write_text(out / "README.md", markdown(res, command))
     print(f"wrote {out / 'README.md'}, {out / 'results.json'} ({res['seconds']:.0f} s)")
     return 0

@@ -668,10 +668,7 @@ def _plots(res: dict[str, Any]) -> dict[str, bytes]:
     figs: dict[str, bytes] = {}
 
     def save(fig: Any, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        figs[name] = buf.getvalue()
+        figs[name] = _png(fig)
 
     tts = res["task_transfer"]
     fig, axes = plt.subplots(1, len(tts), figsize=(5.5 * len(tts), 4), squeeze=False)
@@ -745,6 +742,13 @@ def architecture_plot(at: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 1)
     ax.set_title(f"{at['flow_architecture']} flow on other architectures ({at['source']})", fontsize=9)
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

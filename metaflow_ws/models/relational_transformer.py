@@ -145,8 +145,7 @@ class _Topology(nn.Module):
     def __init__(self, spec: NetworkSpec, own: NetworkSpec | None = None) -> None:
         super().__init__()
         g = neural_graph(spec)
-        lin, neu = layer_map(own, spec) if own is not None else (tuple(range(spec.num_layers)),
-                                                                  tuple(range(spec.num_layers + 1)))
+        lin, neu = layer_map(own or spec, spec)  # the identity on the model's own spec
         self.linear_src, self.neuron_src = lin, neu
         self.widths = spec.widths
         self.node_offsets = g.node_offsets
