@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,3 +25,15 @@ def tiny_bc_zoo():
 def random_params(spec: NetworkSpec, batch: int, seed: int = 0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return spec.init(batch, scheme="normal", std=0.5, generator=g, dtype=dtype)
+
+
+def write_mnist(folder, n_train=12, n_test=5, seed=0) -> None:
+    """Random MNIST-format IDX files (28×28 uint8 images, labels 0-9) in ``folder``."""
+    from metaflow_ws.tasks.datasets import MNIST_FILES, write_idx
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / MNIST_FILES["train_images"], rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
+    write_idx(folder / MNIST_FILES["train_labels"], rng.integers(0, 10, n_train, dtype=np.uint8))
+    write_idx(folder / MNIST_FILES["test_images"], rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
+    write_idx(folder / MNIST_FILES["test_labels"], rng.integers(0, 10, n_test, dtype=np.uint8))

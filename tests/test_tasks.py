@@ -14,6 +14,7 @@ from metaflow_ws.tasks import (
     register_task,
 )
 from metaflow_ws.tasks.datasets import MNIST_FILES, read_idx, write_idx
+from conftest import write_mnist
 
 FAMILIES = {"gaussian_toy", "breast_cancer", "digits", "mnist1d", "sinusoid", "digits_permuted", "mnist", "fashion_mnist"}
 
@@ -77,19 +78,10 @@ def test_mnist1d_is_generated_offline():
     assert set(d.y_train.unique().tolist()) == set(range(10))
 
 
-def _write_mnist(folder, n_train=12, n_test=5, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_idx(folder / MNIST_FILES["train_images"], rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
-    write_idx(folder / MNIST_FILES["train_labels"], rng.integers(0, 10, n_train, dtype=np.uint8))
-    write_idx(folder / MNIST_FILES["test_images"], rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
-    write_idx(folder / MNIST_FILES["test_labels"], rng.integers(0, 10, n_test, dtype=np.uint8))
-
-
 @pytest.mark.parametrize("layout", ["raw", "torchvision"])
 def test_mnist_reads_tiny_idx_folder(tmp_path, layout):
     folder = tmp_path if layout == "raw" else tmp_path / "MNIST" / "raw"
-    _write_mnist(folder)
+    write_mnist(folder)
     d = get_task("mnist").variant(root=str(tmp_path)).data(0)
     assert d.x_train.shape[1] == 784 and d.x_test.shape == (5, 784)
     assert d.sizes()["train"] + d.sizes()["val"] == 12

@@ -396,3 +396,43 @@ def test_architecture_experiment_samples_other_widths_and_depths(flows, tmp_path
     assert main(["--flow", str(folder), "--widths", "30-8-2", "--task", "digits", "--out", str(tmp_path / "bad")]) == 2
     assert "64-10-10" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_mnist_to_fashion_mnist_pair_runs_from_a_given_folder(tmp_path, capsys):
+    """`transfer --mnist-dir DIR` adds the thesis's mnist → fashion_mnist pair from DIR's IDX files (synthetic
+    here), guided on a fixed subset of the target's training points; a folder without them fails before any work."""
+    from conftest import write_mnist
+
+    from metaflow_ws.cli import main
+    from metaflow_ws.experiments.transfer import TransferConfig, _pairs, _support
+
+    data = tmp_path / "data"
+    write_mnist(data / "MNIST" / "raw", n_train=600, n_test=50, seed=1)
+    write_mnist(data / "FashionMNIST" / "raw", n_train=600, n_test=50, seed=2)
+    cfg = TransferConfig.from_preset("tiny", mnist_root=str(data))
+    pair = _pairs(cfg)[-1]
+    assert (pair.key, pair.source.name, pair.target.name) == ("mnist", "mnist", "fashion_mnist")
+    assert pair.source.spec.widths == (784, 10, 10) and pair.support_points == 256
+    sup = _support(pair.target, torch.device("cpu"), pair.support_points, cfg.seed)
+    x_train = pair.target.data(0).x_train
+    assert sup.x.shape == (256, 784) and not torch.equal(sup.x, x_train[:256])  # a random subset ...
+    assert all((x_train == row).all(1).any() for row in sup.x[:8])  # ... of the target's training points
+    torch.testing.assert_close(_support(pair.target, torch.device("cpu"), 256, cfg.seed).x, sup.x)  # fixed
+
+    out = tmp_path / "transfer"
+    assert main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu",
+                 "--mnist-dir", str(data)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    tt = {t["key"]: t for t in res["task_transfer"]}
+    assert set(tt) == {"digits", "mnist"} and tt["mnist"]["guidance_points"] == 256
+    assert tt["mnist"]["target"] == "fashion_mnist" and res["sources"]["mnist"]["zoo_runs"] == 2
+    assert len(tt["mnist"]["sweep"]) > 0 and all(0 <= r["accuracy_mean"] <= 1 for r in tt["mnist"]["sweep"])
+    text = (out / "README.md").read_text()
+    assert "### mnist → fashion_mnist (MLP 784-10-10 (relu)" in text and "256 training points" in text
+    assert "guided transfer mnist → fashion_mnist" in text  # its goal row
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["transfer", "--out", str(tmp_path / "t2"), "--preset", "tiny", "--mnist-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "train-images-idx3-ubyte" in err and not (tmp_path / "t2").exists()

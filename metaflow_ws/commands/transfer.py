@@ -9,7 +9,7 @@ from metaflow_ws.commands import add_common, add_speed_options
 NAME = "transfer"
 HELP = "transfer experiments: guidance to related tasks, learned initialization, other hidden widths"
 DESCRIPTION = (
-    "Train flows on source zoos (digits; mnist1d), sample them with a related task's loss "
+    "Train flows on source zoos (digits; mnist1d; mnist with --mnist-dir), sample them with a related task's loss "
     "gradients (sweeping guidance strength x steps), train from flow samples vs default inits, and sample other "
     "hidden widths. Writes OUT/README.md, OUT/results.json and PNG plots. Presets: --quick (a couple of CPU "
     "minutes), full (default, about 30-40 CPU minutes)."
@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="load the source flows an earlier run saved in OUT/flows when their configuration and zoo "
                         "match, instead of retraining them")
     p.add_argument("--no-mnist1d", action="store_true", help="skip the mnist1d -> shuffled mnist1d transfer")
+    p.add_argument("--mnist-dir", default=None, metavar="DIR",
+                   help="also run mnist -> fashion_mnist (784-10-10, the thesis's pair) from the IDX files in DIR "
+                        "(MNIST/raw and FashionMNIST/raw below it, as torchvision stores them); checked before "
+                        "any work, nothing is downloaded")
     add_common(p)
 
 
@@ -58,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     overrides |= {"compile": args.compile, "precision": args.precision, "reuse": args.reuse}
     if args.no_mnist1d:
         overrides["mnist1d"] = False
+    if args.mnist_dir is not None:
+        overrides["mnist_root"] = args.mnist_dir
     cfg = TransferConfig.from_preset(preset, seed=args.seed, **overrides)
     device = resolve_device(args.device)
     command = "metaflow-ws " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", ["transfer"]))
