@@ -13,7 +13,9 @@ with biases and one activation module (``ReLU``, ``LeakyReLU``, ``Tanh``, ``GELU
 between consecutive linears. A module whose architecture differs from the flow's is an error naming both; a
 module that differs only in its hidden layers (widths, and depth where the flow's field has an interior layer
 to reuse) can be initialized by architecture transfer (``width_transfer=True``, see
-:meth:`~metaflow_ws.flows.flow.WeightFlow.for_spec`).
+:meth:`~metaflow_ws.flows.flow.WeightFlow.for_spec`) or, for a wider and/or deeper module, by sampling the
+flow's own architecture and growing the samples without changing their function (``width_transfer="grow"``,
+:func:`~metaflow_ws.nets.growth.grow`, Net2Net).
 
 Samples are **rebalanced** by default (:func:`balance_scales`): scale-canonical flows decode to networks whose
 hidden rows have unit norm and whose last layer carries the whole logit scale; moving scale between a neuron's
@@ -29,12 +31,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from metaflow_ws.nets.growth import grow as _grow
 from metaflow_ws.nets.spec import MLP, NetworkSpec, Params
 
 if TYPE_CHECKING:
@@ -126,17 +129,26 @@ def _activation_name(m: nn.Module) -> str | None:
     return _ACTIVATIONS[type(m)]
 
 
-def _flow_for(flow: WeightFlow, spec: NetworkSpec, width_transfer: bool, what: str = "module") -> WeightFlow:
-    """``flow`` itself for its own architecture, its architecture transfer to ``spec`` when allowed, else an error."""
+WidthTransfer = bool | Literal["grow"]
+
+
+def _flow_for(flow: WeightFlow, spec: NetworkSpec, width_transfer: WidthTransfer, what: str = "module") -> WeightFlow:
+    """``flow`` itself for its own architecture, its architecture transfer to ``spec`` when allowed, else an error.
+    ``width_transfer="grow"``: ``flow`` itself (its samples are grown to ``spec`` afterwards, :func:`sample_params`)."""
+    if width_transfer not in (True, False, "grow"):
+        raise ValueError(f"width_transfer must be True, False or 'grow'; got {width_transfer!r}")
     if spec == flow.spec:
         return flow
     own = flow.spec
     same_frame = (spec.in_features, spec.out_features, spec.activation) == (
         own.in_features, own.out_features, own.activation)
+    if width_transfer == "grow" and same_frame:
+        return flow
     if width_transfer and same_frame:
         return flow.for_spec(spec)  # other hidden widths; another depth where the field has layers to reuse
-    hint = ("only the hidden layers differ: pass width_transfer=True to sample it by architecture transfer"
-            if same_frame else "train a flow on a zoo of that architecture")
+    hint = ("only the hidden layers differ: pass width_transfer=True to sample it by architecture transfer, or "
+            "width_transfer='grow' to grow the flow's own samples to it" if same_frame
+            else "train a flow on a zoo of that architecture")
     raise ValueError(f"the {what} is an {spec.describe()} but the {flow.config.flow} flow generates "
                      f"{own.describe()} networks; {hint}")
 
@@ -255,10 +267,14 @@ def sample_params(
     generator: torch.Generator | None = None,
     cond: Tensor | None = None,
     balance: bool = True,
+    grow: bool = False,
 ) -> Params:
     """Draw ``n`` networks as a batch ``{name: [n, ...]}`` (ordinary weights, on the flow's device).
 
-    ``spec``: other hidden widths or depth (architecture transfer, :meth:`WeightFlow.for_spec`). ``task`` / ``data``
+    ``spec``: other hidden widths or depth (architecture transfer, :meth:`WeightFlow.for_spec`); with ``grow=True``
+    the flow samples its own architecture instead and the samples are grown to ``spec`` with the same functions
+    (:func:`~metaflow_ws.nets.growth.grow`: wider and/or deeper only; its random copies come from ``generator``
+    after the sampling draws). ``task`` / ``data``
     give the guidance batch when ``sample_config.guidance > 0``. ``cond``: task embedding ``(cond_dim,)``,
     ``(1, cond_dim)`` or ``(n, cond_dim)`` for task-conditioned flows. ``balance``: rebalance the ReLU scales
     (:func:`balance_scales`: same functions, trained-like per-layer norms); ``False`` returns
@@ -268,7 +284,8 @@ def sample_params(
 
     if int(n) < 1:
         raise ValueError(f"n must be ≥ 1; got {n}")
-    f = flow if spec is None else _flow_for(flow, spec, True, what="requested architecture")
+    growing = grow and spec is not None and spec != flow.spec
+    f = flow if spec is None else _flow_for(flow, spec, "grow" if growing else True, what="requested architecture")
     cfg = sample_config if sample_config is not None else SampleConfig()
     dev = f.scale.device
     guidance = None
@@ -282,7 +299,8 @@ def sample_params(
         cond = cond.reshape(1, -1).expand(int(n), -1) if cond.dim() == 1 or cond.shape[0] == 1 else cond
     x = sample(f, int(n), cfg, generator=generator, guidance_data=guidance, cond=cond)
     params = {k: v.detach() for k, v in f.decode(x).items()}
-    return balance_scales(f.spec, params) if balance else params
+    params = balance_scales(f.spec, params) if balance else params
+    return _grow(f.spec, params, spec.widths, generator=generator) if growing else params
 
 
 def sample_state_dicts(flow: WeightFlow, n: int, **kwargs: Any) -> list[dict[str, Tensor]]:
@@ -300,13 +318,14 @@ def sample_modules(
     n: int,
     *,
     factory: Callable[[], nn.Module] | None = None,
-    width_transfer: bool = False,
+    width_transfer: WidthTransfer = False,
     **kwargs: Any,
 ) -> list[nn.Module]:
     """Draw ``n`` networks as modules: :class:`MLP` s of the flow's architecture (or of ``spec=``), or the
     modules ``factory()`` builds (e.g. an ``nn.Sequential``), each loaded with one sample.
 
-    Keyword arguments as :func:`sample_params`; ``width_transfer`` lets ``factory`` build other hidden layers.
+    Keyword arguments as :func:`sample_params`; ``width_transfer`` lets ``factory`` build other hidden layers
+    (``True``: architecture transfer; ``"grow"``: the flow's own samples grown to them, as :func:`init_`).
     """
     if factory is None:
         spec = kwargs.get("spec") or flow.spec
@@ -316,7 +335,7 @@ def sample_modules(
     spec = spec_of_module(mods[0])
     f = _flow_for(flow, spec, width_transfer)
     kwargs.pop("spec", None)
-    params = sample_params(f, n, **kwargs)
+    params = sample_params(f, n, spec=spec, grow=width_transfer == "grow", **kwargs)
     for i, m in enumerate(mods):
         _load(spec, m, params, i)
     return mods
@@ -338,7 +357,7 @@ def _draw_and_pick(
     sample_config: SampleConfig | None,
     generator: torch.Generator | None,
     cond: Tensor | None,
-    width_transfer: bool,
+    width_transfer: WidthTransfer,
     balance: bool = True,
     need_support: bool = False,
 ) -> tuple[NetworkSpec, Params, int, Support | None]:
@@ -349,8 +368,8 @@ def _draw_and_pick(
     support = resolve_support(task, data, device=f.scale.device)
     if support is None and (candidates > 1 or need_support):
         raise ValueError(f"choosing the best of {candidates} candidates needs the target task: pass task= or data=")
-    params = sample_params(f, int(candidates), task=task, data=data, sample_config=sample_config,
-                           generator=generator, cond=cond, balance=balance)
+    params = sample_params(f, int(candidates), spec=spec, task=task, data=data, sample_config=sample_config,
+                           generator=generator, cond=cond, balance=balance, grow=width_transfer == "grow")
     best = 0
     if candidates > 1:
         assert support is not None
@@ -371,7 +390,7 @@ def init_(
     sample_config: SampleConfig | None = None,
     generator: torch.Generator | None = None,
     cond: Tensor | None = None,
-    width_transfer: bool = False,
+    width_transfer: WidthTransfer = False,
     balance: bool = True,
 ) -> nn.Module:
     """Initialize ``module`` in place from a flow sample and return it.
@@ -386,8 +405,11 @@ def init_(
         sample_config: solver, steps, noise and guidance strength (default ``SampleConfig()``).
         generator: source of all random draws (reproducible initializations).
         cond: task embedding for task-conditioned flows.
-        width_transfer: allow a module that differs from the flow's architecture only in its hidden layers
-            (widths; depth where :meth:`WeightFlow.for_spec` can continue the field's layers).
+        width_transfer: allow a module that differs from the flow's architecture only in its hidden layers.
+            ``True``: sample it by architecture transfer (widths; depth where :meth:`WeightFlow.for_spec` can
+            continue the field's layers). ``"grow"``: sample the flow's own architecture and grow each sample to
+            the module's, wider and/or deeper, computing the same function (:func:`~metaflow_ws.nets.growth.grow`,
+            Net2Net: copied neurons with random output shares, identity layers; ReLU networks to go deeper).
         balance: rebalance the ReLU scales of the sample (:func:`balance_scales`; same function, trained-like
             per-layer norms: SGD from a raw scale-canonical sample can diverge). Pass ``False`` before training
             with Adam, which trains faster from the decoded scales (:func:`warm_start` chooses by itself).
@@ -416,7 +438,7 @@ def warm_start(
     grad_batches: int = 4,
     batch_size: int = 64,
     cond: Tensor | None = None,
-    width_transfer: bool = False,
+    width_transfer: WidthTransfer = False,
     balance: bool | None = None,
 ) -> WarmStart:
     """Initialize ``model`` from the flow (best of ``candidates`` on ``data``) and return it with an optimizer

@@ -151,6 +151,35 @@ def test_width_transfer_loads_the_transferred_sample(flow, support, widths):
     assert torch.equal(module(support[0]), spec.forward(sd, support[0]))
 
 
+@pytest.mark.parametrize("widths", [(30, 32, 16, 2), (30, 16, 16, 16, 24, 2)])  # wider; deeper and wider
+def test_grow_loads_the_flows_own_sample_grown_to_the_module(flow, support, widths):
+    """width_transfer="grow": the module computes the function of the flow's own sample for the same generator."""
+    x = support[0]
+    own = sample_state_dicts(flow, 1, sample_config=FAST, generator=_gen(5))[0]
+    module = init_(_sequential(widths), flow, width_transfer="grow", sample_config=FAST, generator=_gen(5))
+    assert module[0].weight.shape == (widths[1], 30)
+    torch.testing.assert_close(module(x), flow.spec.forward(own, x), rtol=1e-5, atol=1e-5)
+    sd = sample_state_dicts(flow, 1, spec=NetworkSpec(widths), grow=True, sample_config=FAST, generator=_gen(5))[0]
+    assert all(torch.equal(a, b) for a, b in zip(sd.values(), module.state_dict().values()))
+    mods = sample_modules(flow, 2, factory=lambda: MLP(widths), width_transfer="grow", sample_config=FAST,
+                          generator=_gen(6))
+    assert not torch.equal(mods[0](x), mods[1](x))  # two draws
+    net, _ = warm_start(MLP(widths), functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9), flow, support,
+                        candidates=2, width_transfer="grow", sample_config=FAST, generator=_gen(7))
+    assert torch.isfinite(net(x)).all()
+
+
+def test_grow_errors_name_the_problem(flow):
+    with pytest.raises(ValueError, match="grow only adds neurons"):
+        init_(MLP((30, 8, 16, 2)), flow, width_transfer="grow", sample_config=FAST)
+    with pytest.raises(ValueError, match="fewer layers"):
+        init_(MLP((30, 16, 2)), flow, width_transfer="grow", sample_config=FAST)
+    with pytest.raises(ValueError, match="width_transfer='grow'"):  # the hint names both options
+        init_(MLP((30, 32, 16, 2)), flow, sample_config=FAST)
+    with pytest.raises(ValueError, match="must be True, False or 'grow'"):
+        init_(MLP((30, 32, 16, 2)), flow, width_transfer="yes", sample_config=FAST)
+
+
 def _manual_grads(flow, support, k, m, bs, seed, balance):
     """Gradients of every candidate on the warm-start minibatches, recomputed with autograd on modules."""
     g = _gen(seed)

@@ -376,17 +376,21 @@ def test_architecture_experiment_samples_other_widths_and_depths(flows, tmp_path
     folder = tmp_path / "flow"
     flows["geometric"].save_pretrained(folder, extra=flows["geometric"].meta)
     out = tmp_path / "arch"
-    assert main(["--flow", str(folder), "--widths", "30-8-2", "30-8-8-8-2", "--out", str(out), "-n", "4",
+    assert main(["--flow", str(folder), "--widths", "30-8-2", "30-16-16-24-2", "--out", str(out), "-n", "4",
                  "--steps", "2", "--candidates", "2", "--trained-runs", "2"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = res["architecture_transfer"]["rows"]
-    assert [r["widths"] for r in rows] == [[30, 16, 16, 2], [30, 8, 2], [30, 8, 8, 8, 2]]
+    assert [r["widths"] for r in rows] == [[30, 16, 16, 2], [30, 8, 2], [30, 16, 16, 24, 2]]
     assert [r["transferred"] for r in rows] == [False, True, True]
     for r in rows:
         for name in ("unguided", "guided", "guided, ∇ at x̂1", "guidance only", "trained"):
             assert 0.0 <= r[name]["accuracy_mean"] <= 1.0, (r["architecture"], name)
     text = (out / "README.md").read_text()
-    assert "| MLP 30-8-8-8-2 (relu) |" in text and "other depths are in the table" in text
+    assert "| MLP 30-16-16-24-2 (relu) |" in text and "other depths are in the table" in text
+    # the Net2Net baseline: deeper and wider architectures can grow the own samples (their accuracies), narrower not
+    grown = [line for line in text.splitlines() if "growing the flow's own samples" in line]
+    own_unguided = f"{rows[0]['unguided']['accuracy_mean']:.3f} grown"
+    assert len(grown) == 1 and "MLP 30-16-16-24-2" in grown[0] and own_unguided in grown[0]
     assert (out / "architecture_transfer.png").read_bytes()[:4] == b"\x89PNG"
     assert "python -m metaflow_ws.experiments.architecture --flow" in text
     # the recorded task resolves at the flow's widths; bad architectures fail before any work

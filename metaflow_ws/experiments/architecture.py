@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from metaflow_ws.experiments.transfer import (TransferConfig, architecture_plot, architecture_table,
-                                              architecture_transfer)
+                                              architecture_transfer, growth_findings)
 from metaflow_ws.flows import WeightFlow
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.tasks.registry import Task, get_task
@@ -90,7 +90,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
                     go = r["guidance only"]["accuracy_mean"]
                     parts.append(f"the flow {'adds to' if g > go else 'does not beat'} guidance alone ({go:.3f})")
             lines.append(f"- {r['architecture']}: " + "; ".join(parts) + ".")
-        lines.append("")
+        lines += [f"- {g}" for g in growth_findings(at)] + [""]
     lines += ["## Reproduce", "", "```bash", command, "```", ""]
     return "\n".join(lines)
 

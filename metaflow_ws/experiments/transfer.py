@@ -39,6 +39,7 @@ from metaflow_ws.flows.sampling import guidance_gradient
 from metaflow_ws.flows.train import saved_flow_matches
 from metaflow_ws.init import Support, balance_scales, candidate_gradients
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from metaflow_ws.nets.growth import can_grow
 from metaflow_ws.nets.spec import NetworkSpec, Params
 from metaflow_ws.tasks.registry import Task, get_task
 from metaflow_ws.train.optim import SGD, Adam
@@ -926,7 +927,7 @@ def _findings(res: dict[str, Any]) -> list[str]:
         if "best_guided" in tt:
             edge = _grid_edge(tt)
             if edge:
-                pre = "mnist1d_" if tt["key"] == "mnist1d" else ""
+                pre = "" if tt["key"] == "digits" else f"{tt['key']}_"
                 out.append(f"{tt['source']} → {tt['target']}: the chosen cell lies on the edge of the swept grid "
                            f"({' and '.join(edge)}); a wider sweep (`TransferConfig.{pre}guidance`, "
                            f"`{pre}sample_steps`) may find a better one.")
@@ -934,7 +935,28 @@ def _findings(res: dict[str, Any]) -> list[str]:
         if row["transferred"]:
             out.append(f"{row['architecture']}: " + ", ".join(f"{n} {row[n]['accuracy_mean']:.3f}"
                                                                for n in _arch_columns(row)) + ".")
+    out += growth_findings(res["architecture_transfer"])
     out.append(f"Depth: {res['architecture_transfer']['depth']}.")
+    return out
+
+
+def growth_findings(at: dict[str, Any]) -> list[str]:
+    """For every transferred architecture that :func:`~metaflow_ws.nets.growth.grow` reaches from the flow's own
+    (wider and/or deeper): the baseline of growing the own samples, which keep their functions and so exactly the
+    own row's accuracies, against the field's transfer."""
+    own = next((r for r in at["rows"] if not r["transferred"]), None)
+    if own is None:
+        return []
+    out = []
+    for r in at["rows"]:
+        if not r["transferred"] or not can_grow(NetworkSpec(tuple(own["widths"])), r["widths"]):
+            continue
+        cols = [n for n in ("unguided", "guided" + _at_suffix("x1"), "guided") if n in r and n in own][:2]
+        pairs = "; ".join(f"{n} {r[n]['accuracy_mean']:.3f} vs {own[n]['accuracy_mean']:.3f} grown" for n in cols)
+        better = sum(r[n]["accuracy_mean"] > own[n]["accuracy_mean"] for n in cols)
+        verdict = {len(cols): "beats", 0: "does not beat"}.get(better, "partly beats")
+        out.append(f"{r['architecture']}: the field's transfer {verdict} growing the flow's own samples to it "
+                   f"(`width_transfer='grow'`, Net2Net: the same functions, so the own row's accuracies) — {pairs}.")
     return out
 
 
