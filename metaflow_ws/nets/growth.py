@@ -79,9 +79,10 @@ def _widen(weights: list[Tensor], biases: list[Tensor], layer: int, width: int, 
     if width == n:
         return
     dev = w_in.device
-    extra = torch.randint(0, n, (batch, width - n), generator=generator).to(dev)
+    g_dev = generator.device if generator is not None else torch.device("cpu")  # draw where the generator lives
+    extra = torch.randint(0, n, (batch, width - n), generator=generator, device=g_dev).to(dev)
     src = torch.cat([torch.arange(n, device=dev).expand(batch, n), extra], 1)  # [B, width]: neuron each copies
-    share = torch.rand(batch, width, generator=generator, dtype=w_in.dtype).to(dev) + 0.5  # U(0.5, 1.5)
+    share = torch.rand(batch, width, generator=generator, dtype=w_in.dtype, device=g_dev).to(dev) + 0.5  # U(0.5, 1.5)
     total = torch.zeros(batch, n, dtype=w_in.dtype, device=dev).scatter_add_(1, src, share)
     share = share / total.gather(1, src)  # each neuron's copies' shares sum to one
     weights[layer] = w_in.gather(1, src.unsqueeze(-1).expand(-1, -1, w_in.shape[-1]))
