@@ -953,8 +953,13 @@ def growth_findings(at: dict[str, Any]) -> list[str]:
             continue
         cols = [n for n in ("unguided", "guided" + _at_suffix("x1"), "guided") if n in r and n in own][:2]
         pairs = "; ".join(f"{n} {r[n]['accuracy_mean']:.3f} vs {own[n]['accuracy_mean']:.3f} grown" for n in cols)
-        better = sum(r[n]["accuracy_mean"] > own[n]["accuracy_mean"] for n in cols)
-        verdict = {len(cols): "beats", 0: "does not beat"}.get(better, "partly beats")
+        diff = [round(r[n]["accuracy_mean"], 3) - round(own[n]["accuracy_mean"], 3) for n in cols]  # as printed
+        if all(d > 0 for d in diff):
+            verdict = "beats"
+        elif all(d >= 0 for d in diff):
+            verdict = "matches" if all(d == 0 for d in diff) else "beats or matches"
+        else:
+            verdict = "partly beats" if any(d > 0 for d in diff) else "does not beat"
         out.append(f"{r['architecture']}: the field's transfer {verdict} growing the flow's own samples to it "
                    f"(`width_transfer='grow'`, Net2Net: the same functions, so the own row's accuracies) — {pairs}.")
     return out
