@@ -209,10 +209,10 @@ def _pairs(cfg: TransferConfig) -> list[_Pair]:
     return pairs
 
 
-def check_data(cfg: TransferConfig) -> None:
+def _check_data(pairs: Sequence[_Pair]) -> None:
     """Load every task's data up front, so that a missing or corrupt MNIST folder fails before an hour of work
     (``FileNotFoundError`` / ``ValueError`` naming the folder and the files it needs)."""
-    for pair in _pairs(cfg):
+    for pair in pairs:
         pair.source.data(0)
         pair.target.data(0)
 
@@ -574,8 +574,9 @@ def architecture_transfer(source: Task, flow: WeightFlow, cfg: TransferConfig, d
         row["trained"] = _trained(task, cfg.target_runs, cfg.target_epochs, cfg.seed, device)
         rows.append(row)
         log(f"    {spec.describe()}: " + ", ".join(f"{n} {row[n]['accuracy_mean']:.3f}" for n in _arch_columns(row)))
-    return {"source": source.name, "flow_architecture": flow.spec.describe(), "guidance": cfg.arch_guidance,
-            "steps": cfg.arch_steps, "samples": cfg.samples, "rows": rows, "depth": _depth_note(flow.spec, widths)}
+    return {"source": source.name, "flow_architecture": flow.spec.describe(), "activation": flow.spec.activation,
+            "guidance": cfg.arch_guidance, "steps": cfg.arch_steps, "samples": cfg.samples, "rows": rows,
+            "depth": _depth_note(flow.spec, widths)}
 
 
 def _depth_note(spec: NetworkSpec, widths: Sequence[Sequence[int]]) -> str:
@@ -610,8 +611,8 @@ def run_transfer(cfg: TransferConfig, out: str | Path | None = None, *, device: 
                                          "data_seed": 0},
                                "seconds": {}, "task_transfer": [], "sources": {}}
     flows: dict[str, WeightFlow] = {}
-    check_data(cfg)
     pairs = _pairs(cfg)
+    _check_data(pairs)
     for pair in pairs:
         t0 = time.perf_counter()
         log(f"(a) {pair.label}")
@@ -949,7 +950,7 @@ def growth_findings(at: dict[str, Any]) -> list[str]:
         return []
     out = []
     for r in at["rows"]:
-        if not r["transferred"] or not can_grow(NetworkSpec(tuple(own["widths"])), r["widths"]):
+        if not r["transferred"] or not can_grow(NetworkSpec(tuple(own["widths"]), at.get("activation", "relu")), r["widths"]):
             continue
         cols = [n for n in ("unguided", "guided" + _at_suffix("x1"), "guided") if n in r and n in own][:2]
         pairs = "; ".join(f"{n} {r[n]['accuracy_mean']:.3f} vs {own[n]['accuracy_mean']:.3f} grown" for n in cols)
