@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from metaflow_ws.cli import main
 
@@ -136,4 +137,20 @@ def test_architecture_transfer_from_the_command_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["zoo", "breast_cancer", "--widths", "30-x-2", "--out", str(tmp_path / "x.safetensors")])
     assert e.value.code == 2 and "expected layer widths like 30-16-16-2" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    # --grow: the flow's own samples (same seed) grown to W compute the same functions
+    own, grown = tmp_path / "own.safetensors", tmp_path / "grown.safetensors"
+    run_json(capsys, ["sample", "--flow", str(flow), "-n", "3", "--steps", "2", "--out", str(own), "--json"])
+    run_json(capsys, ["sample", "--flow", str(flow), "--widths", "30-24-16-16-2", "--grow", "-n", "3", "--steps", "2",
+                      "--out", str(grown), "--json"])
+    a, b = Zoo.load(own), Zoo.load(grown)
+    assert b.spec == NetworkSpec((30, 24, 16, 16, 2)) and b.info["grown_from"] == [30, 16, 16, 2]
+    x = torch.randn(20, 30)
+    torch.testing.assert_close(b.spec.batched_forward(b.params, x), a.spec.batched_forward(a.params, x),
+                               rtol=1e-4, atol=1e-4)
+    assert main(["sample", "--flow", str(flow), "--widths", "30-8-16-2", "--grow",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "grow only adds neurons" in capsys.readouterr().err
+    assert main(["sample", "--flow", str(flow), "--grow", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--grow needs --widths" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="architecture transfer: sample networks of other hidden layers than the flow's, e.g. "
                         "30-16-16-16-2 (same inputs and outputs; other depths need a flow trained on networks "
                         "with two or more hidden layers)")
+    p.add_argument("--grow", action="store_true",
+                   help="with --widths: sample the flow's own architecture and grow every sample to W without "
+                        "changing its function (Net2Net: copied neurons, identity layers; wider/deeper only)")
     p.add_argument("--out", required=True, help="output zoo-format .safetensors file")
     add_speed_options(p, "run the vector field")
     add_common(p)
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from metaflow_ws.errors import resolve_device
     from metaflow_ws.flows import SampleConfig, WeightFlow, sample
     from metaflow_ws.io import Zoo
-    from metaflow_ws.nets import NetworkSpec
+    from metaflow_ws.nets import NetworkSpec, check_growth, grow
     from metaflow_ws.tasks import get_task
 
     if args.num < 1:
@@ -55,8 +58,13 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     flow = WeightFlow.from_pretrained(args.flow, device=device)
     own = flow.spec
-    if args.widths is not None:
-        flow = flow.for_spec(NetworkSpec(args.widths, own.activation))
+    target = own if args.widths is None else NetworkSpec(args.widths, own.activation)
+    if args.grow:
+        if args.widths is None:
+            raise ValueError("--grow needs --widths W (the wider and/or deeper architecture to grow the samples to)")
+        check_growth(own, target.widths)
+    elif args.widths is not None:
+        flow = flow.for_spec(target)
     data_seed = int(flow.meta.get("zoo_data_seed", 0))  # the split of the zoo the flow learned from
     cfg = SampleConfig(steps=args.steps, solver=args.solver, noise=args.noise, noise_window=tuple(args.noise_window),
                        guidance=args.guidance, guidance_normalize=args.guidance_normalize,
@@ -66,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if args.task is None:
             raise ValueError("--guidance needs --task TASK (whose training loss guides the samples)")
         task = get_task(args.task)
-        if args.widths is not None:
+        if args.widths is not None and not args.grow:
             task = task.with_widths(args.widths)
         flow.check_spec(task.spec, what=f"task {task.name!r}")
         d = task.data(data_seed, device=device)
@@ -79,17 +87,20 @@ def run(args: argparse.Namespace) -> int:
     params = flow.decode(x)
     if not all(torch.isfinite(v).all() for v in params.values()):
         raise FloatingPointError("sampling produced NaN/inf weights; try more --steps or a smaller --guidance")
+    if args.grow:  # the copies' draws come from their own seeded generator, after sampling
+        params = grow(own, params, target.widths, generator=torch.Generator().manual_seed(args.seed + 1))
     seconds = time.perf_counter() - t0
     name = args.task or flow.config.task
-    if flow.spec != own:
-        name = f"{name}[{'-'.join(map(str, flow.spec.widths))}]"
-    zoo = Zoo.from_params(name, flow.spec, {k: v.cpu() for k, v in params.items()},
+    if target != own:
+        name = f"{name}[{'-'.join(map(str, target.widths))}]"
+    zoo = Zoo.from_params(name, target, {k: v.cpu() for k, v in params.items()},
                           seeds={"seed": args.seed, "data_seed": data_seed},
                           info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
                                 "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
                                             "noise_window": list(cfg.noise_window), "guidance": cfg.guidance,
                                             "guidance_normalize": cfg.guidance_normalize,
                                             "guidance_at": cfg.guidance_at},
+                                **({"grown_from": list(own.widths)} if args.grow else {}),
                                 "seed": args.seed, "seconds": seconds, "compiled": args.compile,
                                 "precision": args.precision})
     zoo.save(args.out)

@@ -23,13 +23,15 @@ from torch import Tensor
 
 from metaflow_ws.nets.spec import NetworkSpec, Params
 
-__all__ = ["can_grow", "grow"]
+__all__ = ["can_grow", "check_growth", "grow"]
 
 #: activations with act(act(z)) = act(z), for which an inserted identity layer keeps the function
 _IDEMPOTENT = frozenset({"relu", "identity"})
 
 
-def _check(spec: NetworkSpec, widths: tuple[int, ...]) -> None:
+def check_growth(spec: NetworkSpec, widths: Sequence[int]) -> None:
+    """Raise ``ValueError`` (naming the problem) unless :func:`grow` can take ``spec`` to ``widths``."""
+    widths = tuple(int(w) for w in widths)
     target = f"{'-'.join(map(str, widths))}"
     if (widths[0], widths[-1]) != (spec.in_features, spec.out_features):
         raise ValueError(f"growing {spec.describe()} keeps its {spec.in_features} inputs and {spec.out_features} "
@@ -55,7 +57,7 @@ def _check(spec: NetworkSpec, widths: tuple[int, ...]) -> None:
 def can_grow(spec: NetworkSpec, widths: Sequence[int]) -> bool:
     """Whether :func:`grow` can turn networks of ``spec`` into networks of ``widths`` (the same function)."""
     try:
-        _check(spec, tuple(int(w) for w in widths))
+        check_growth(spec, widths)
     except ValueError:
         return False
     return True
@@ -110,7 +112,7 @@ def grow(spec: NetworkSpec, params: Mapping[str, Tensor], widths: Sequence[int],
     widths = tuple(int(w) for w in widths)
     new = NetworkSpec(widths, spec.activation)
     spec.check(params)
-    _check(spec, widths)
+    check_growth(spec, widths)
     weights, biases = list(spec.weights(params)), list(spec.biases(params))
     if len(widths) > len(spec.widths):
         _deepen(weights, biases, len(widths) - len(spec.widths))
