@@ -75,6 +75,7 @@ def test_deepening_needs_an_idempotent_activation():
         grow(tanh, params, (5, 4, 3, 3, 2))
     grown = grow(tanh, params, (5, 8, 3, 2), generator=_gen())  # widening keeps any activation's function
     x = torch.randn(10, 5, generator=_gen(1), dtype=torch.float64)
-    torch.testing.assert_close(NetworkSpec((5, 8, 3, 2), "tanh").batched_forward(grown, x), tanh.batched_forward(params, x))
+    wide = NetworkSpec((5, 8, 3, 2), "tanh")
+    torch.testing.assert_close(wide.batched_forward(grown, x), tanh.batched_forward(params, x))
     with pytest.raises(ValueError, match="no hidden layer"):
         grow(NetworkSpec((5, 2)), random_params(NetworkSpec((5, 2)), 1), (5, 2, 2))

@@ -2,10 +2,11 @@
 
 (a) **Task transfer by guidance.** A flow trained on a source zoo (``digits``; ``mnist1d``; ``mnist`` when the
     user gives a folder with the MNIST and Fashion-MNIST files) is sampled with the loss gradients of a related
-    target task (``digits_permuted``; ``mnist1d`` with shuffled positions; ``fashion_mnist``), sweeping the guidance strength λ × the number of sampling steps × where the gradient is taken
-    (at x_t, the thesis's form, or at the flow's prediction x̂1: ``SampleConfig.guidance_at``); next to it the
-    networks trained on the target (its recipe and Adam) and a *guidance-only* baseline: the same number of
-    guidance steps from the same prior draws with the flow's velocity switched off (Riemannian gradient descent).
+    target task (``digits_permuted``; ``mnist1d`` with shuffled positions; ``fashion_mnist``), sweeping the
+    guidance strength λ × the number of sampling steps × where the gradient is taken (at x_t, the thesis's
+    form, or at the flow's prediction x̂1: ``SampleConfig.guidance_at``); next to it the networks trained on the
+    target (its recipe and Adam) and a *guidance-only* baseline: the same number of guidance steps from the same
+    prior draws with the flow's velocity switched off (Riemannian gradient descent).
 (b) **Learned initialization.** Training on the held-out target task from flow samples (unguided, guided, best
     of k candidates, rebalanced or not, plus the optimizer state :func:`metaflow_ws.init.warm_start` sets: Adam
     moments, SGD momentum) vs PyTorch's default init and N(0, σ²), several seeds, test accuracy vs steps and
@@ -154,8 +155,8 @@ class TransferConfig:
                         raw_guidance=(1.0,), candidates=4, mnist1d_zoo_runs=10, mnist1d_zoo_epochs=10,
                         mnist1d_flow_steps=150, mnist1d_samples=8, mnist1d_guidance=(0.0, 10.0),
                         mnist1d_sample_steps=(32,), mnist_zoo_runs=10, mnist_zoo_epochs=3, mnist_flow_steps=150,
-                        mnist_samples=8, mnist_guidance=(0.0, 10.0), mnist_sample_steps=(32,), init_seeds=5, init_steps=300, arch_widths=((64, 32, 10),),
-                        arch_steps=32)
+                        mnist_samples=8, mnist_guidance=(0.0, 10.0), mnist_sample_steps=(32,), init_seeds=5,
+                        init_steps=300, arch_widths=((64, 32, 10),), arch_steps=32)
         elif name == "tiny":
             base = dict(d_model=8, num_layers=1, zoo_runs=4, zoo_epochs=2, flow_steps=4, target_runs=2,
                         target_epochs=2, samples=4, guidance=(0.0, 3.0), sample_steps=(2,), raw_guidance=(),
@@ -948,9 +949,10 @@ def growth_findings(at: dict[str, Any]) -> list[str]:
     own = next((r for r in at["rows"] if not r["transferred"]), None)
     if own is None:
         return []
+    own_spec = NetworkSpec(tuple(own["widths"]), at.get("activation", "relu"))  # results before it: relu
     out = []
     for r in at["rows"]:
-        if not r["transferred"] or not can_grow(NetworkSpec(tuple(own["widths"]), at.get("activation", "relu")), r["widths"]):
+        if not r["transferred"] or not can_grow(own_spec, r["widths"]):
             continue
         cols = [n for n in ("unguided", "guided" + _at_suffix("x1"), "guided") if n in r and n in own][:2]
         pairs = "; ".join(f"{n} {r[n]['accuracy_mean']:.3f} vs {own[n]['accuracy_mean']:.3f} grown" for n in cols)

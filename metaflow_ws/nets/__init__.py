@@ -4,4 +4,5 @@ function-preserving growth (:func:`grow`)."""
 from metaflow_ws.nets.growth import can_grow, check_growth, grow
 from metaflow_ws.nets.spec import ACTIVATIONS, MLP, NetworkSpec, Params, activation_fn, index_params
 
-__all__ = ["ACTIVATIONS", "MLP", "NetworkSpec", "Params", "activation_fn", "can_grow", "check_growth", "grow", "index_params"]
+__all__ = ["ACTIVATIONS", "MLP", "NetworkSpec", "Params", "activation_fn", "can_grow", "check_growth", "grow",
+           "index_params"]
