@@ -106,6 +106,23 @@ def test_backends_compute_the_same_function():
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
 
 
+def test_backends_agree_under_bfloat16_autocast():
+    # the mixed-precision path (`train --precision bf16`) runs on both backends and they agree to bf16 rounding
+    spec = NetworkSpec((6, 5, 4, 3))
+    a = _model(spec, n_globals=1, backend="blocks").float()
+    b = _model(spec, n_globals=1, backend="scatter").float()
+    b.load_state_dict(a.state_dict())
+    x, t = (v.float() for v in _inputs(spec, 4, 1))
+    ref = a(x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = a(x, t).float(), b(x, t).float()
+    tol = 0.05 * ref.abs().max().item()
+    assert (ya - ref).abs().max() < tol and (yb - ref).abs().max() < tol
+    assert (ya - ref).abs().max() > 0  # it really ran in reduced precision
+    yb.square().sum().backward()  # and differentiates
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in b.parameters() if p.requires_grad)
+
+
 def test_time_changes_output():
     m = _model()
     x, t = _inputs(SPEC, 2)

@@ -183,10 +183,12 @@ def _attend_scatter(
     s_b = (q.index_select(1, src) * kb.index_select(1, tgt)).sum(-1) * scale + sb
     alpha = softmax(torch.cat([s_f, s_b], 1), topo.receivers, num_nodes=topo.num_nodes, dim=1)
     a_f, a_b = alpha.unsqueeze(-1).split(topo.num_edges, dim=1)  # (B, E, H, 1)
-    agg_v = torch.zeros_like(q).index_add(1, tgt, a_f * vf.index_select(1, src))
-    agg_v = agg_v.index_add(1, src, a_b * vb.index_select(1, tgt))
+    # accumulate in the messages' dtype: under bfloat16 autocast the softmax is float32 and the values bfloat16
+    m_f, m_b = a_f * vf.index_select(1, src), a_b * vb.index_select(1, tgt)
+    agg_v = q.new_zeros(q.shape, dtype=m_f.dtype).index_add(1, tgt, m_f).index_add(1, src, m_b)
     e4 = e_hat.unsqueeze(2)
-    agg_e = q.new_zeros(*q.shape[:3], e_hat.shape[-1]).index_add(1, tgt, a_f * e4).index_add(1, src, a_b * e4)
+    e_f, e_b = a_f * e4, a_b * e4
+    agg_e = q.new_zeros(*q.shape[:3], e_hat.shape[-1], dtype=e_f.dtype).index_add(1, tgt, e_f).index_add(1, src, e_b)
     return agg_v, agg_e
 
 
