@@ -1,5 +1,6 @@
 """Flows: coordinates, training (loss, resume, divergence), save/load, samplers, guidance, CLI."""
 
+import argparse
 import dataclasses
 import json
 import math
@@ -479,6 +480,22 @@ def test_bf16_autocast_field_close_to_fp32_and_training_stays_fp32(tiny_bc_zoo):
     bf16 = train_flow(tiny_bc_zoo, cfg, dataclasses.replace(tc, precision="bf16"))
     assert bf16.losses == pytest.approx(fp32.losses, rel=5e-2) and bf16.losses != fp32.losses
     assert all(v.dtype == torch.float32 for v in bf16.flow.state_dict().values() if v.is_floating_point())
+
+
+def test_learning_rate_default_is_shared_and_bad_rates_are_clear_errors(capsys):
+    from metaflow_ws.cli import build_parser, main
+    from metaflow_ws.experiments.report import ReportConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("train", "compare"):
+        lr = next(a for a in sub.choices[command]._actions if a.dest == "lr")
+        assert lr.default == TrainConfig.lr == 1e-2, command  # one default for every flow-training entry point
+    assert ReportConfig(task="digits", out_dir="unused").lr == TrainConfig.lr
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            TrainConfig(lr=bad)
+    assert main(["train", "--zoo", "missing.safetensors", "--flow", "geometric", "--lr", "0", "--out", "x"]) == 2
+    assert "lr must be a finite number > 0; got 0.0" in capsys.readouterr().err
 
 
 def test_unknown_precision_is_a_clear_error():

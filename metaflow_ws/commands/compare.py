@@ -12,13 +12,15 @@ ORDER = 70
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from metaflow_ws.flows.train import TrainConfig
+
     p.add_argument("--zoo", required=True, help="zoo file written by `metaflow-ws zoo`")
     p.add_argument("--out", required=True, help="folder for README.md, results.json and the trained flows")
     p.add_argument("--flows", nargs="+", default=["euclidean:ot-perm", "normalized:ot-perm", "geometric:ot-perm"],
                    help="flow variants: NAME[:COUPLING][:unaligned] with COUPLING one of ot, perm, ot-perm "
                         "(default: all three, aligned, OT + perm coupling)")
     p.add_argument("--steps", type=int, default=3000, help="training steps per flow")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak AdamW learning rate of every flow")
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("-n", "--samples", type=int, default=100)

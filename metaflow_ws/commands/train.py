@@ -52,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from metaflow_ws.io import Zoo
 
     device = resolve_device(args.device)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,
+                        align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                        compile=args.compile, precision=args.precision)
     zoo = Zoo.load(args.zoo)
     prior = args.prior_std if args.prior_std is not None else default_prior_std(zoo)
     config = FlowConfig(flow=args.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
                         prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads,
                         d_edge=args.d_edge, sigma=args.path_noise)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,
-                        align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                        compile=args.compile, precision=args.precision)
     bar, update = progress_bar(train.steps, f"train {args.flow}")
 
     def progress(step: int, total: int, loss: float, sps: float) -> None:

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path-noise", type=float, default=None, metavar="SIGMA",
                    help="path noise of the source flows, as `train --path-noise` (default 0, not train's 0.3: a "
                         "path-noise flow pulls samples back to the source task and resists the target's guidance)")
+    p.add_argument("--flow-lr", type=float, default=None, metavar="LR",
+                   help="peak learning rate of the source flows (default 2e-3, the rate the stored transfer results "
+                        "were measured at; train's default is 1e-2)")
     add_speed_options(p, "train the source flows")
     p.add_argument("--reuse", action="store_true",
                    help="load the source flows an earlier run saved in OUT/flows when their configuration and zoo "
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"flow_steps": args.flow_steps, "samples": args.samples,
                                    "init_seeds": args.init_seeds, "init_steps": args.init_steps,
                                    "coupling": args.coupling, "d_model": args.d_model,
-                                   "num_layers": args.layers, "path_noise": args.path_noise}.items()
+                                   "num_layers": args.layers, "path_noise": args.path_noise,
+                                   "flow_lr": args.flow_lr}.items()
                  if v is not None}
     overrides |= {"compile": args.compile, "precision": args.precision, "reuse": args.reuse}
     if args.no_mnist1d:

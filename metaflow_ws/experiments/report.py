@@ -31,6 +31,7 @@ from torch import Tensor
 
 from metaflow_ws.experiments.flows_table import FlowRun
 from metaflow_ws.flows.flow import SIGMA, check_path_noise
+from metaflow_ws.flows.train import TrainConfig
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.nets.spec import Params
@@ -67,7 +68,7 @@ class ReportConfig:
     num_layers: int = 3
     #: path noise of every flow (``FlowConfig.sigma``, ``train --path-noise``); 0 = plain flow matching
     path_noise: float = SIGMA
-    lr: float = 2e-3
+    lr: float = TrainConfig.lr
     batch_size: int = 32
     #: train the flows with ``torch.compile`` (speed only: flows trained either way are reused)
     compile: bool = False
@@ -373,7 +374,7 @@ class _Report:
         self.results["flows"] = self.flow_info
 
     def _flow(self, run: FlowRun, steps: int, folder: Path):
-        from metaflow_ws.flows import FlowConfig, TrainConfig, WeightFlow, default_prior_std, train_flow
+        from metaflow_ws.flows import FlowConfig, WeightFlow, default_prior_std, train_flow
         from metaflow_ws.flows.train import saved_flow_matches
 
         cfg, zoo = self.cfg, self.zoo

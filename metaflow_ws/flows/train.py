@@ -33,7 +33,10 @@ class TrainConfig:
 
     steps: int = 3000
     batch_size: int = 32
-    lr: float = 2e-3
+    #: peak AdamW learning rate (after ``warmup`` steps, then cosine decay). 1e-2 rather than the 2e-3 of the
+    #: earlier releases: same quality at 3,000 steps on breast_cancer, clearly better on digits and at short budgets
+    #: (README, "Learning rate")
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -63,6 +66,8 @@ class TrainConfig:
         for k in ("steps", "batch_size", "checkpoint_every", "query_steps", "query_points"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be ≥ 1; got {getattr(self, k)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0; got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay}")
         lo, hi = (int(v) for v in self.support_sizes)
