@@ -236,17 +236,17 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     assert "| yes |" in (out / "README.md").read_text()
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--coupling", "nope"]) == 2
     assert "unknown coupling 'nope'" in capsys.readouterr().err
-    # the source flows train without path noise (it resists guidance) at lr 2e-3 (the rate the stored results were
-    # measured at); another σ or lr is another flow: --reuse retrains
-    assert data["config"]["path_noise"] == 0.0 and "coupling ot-perm, path noise 0, lr 0.002 |" in text
-    assert json.loads((out / "flows" / "digits" / "config.json").read_text())["train"]["lr"] == 2e-3
+    # the source flows train without path noise (it resists guidance) at train's lr (1e-2); another σ or lr is
+    # another flow: --reuse retrains
+    assert data["config"]["path_noise"] == 0.0 and "coupling ot-perm, path noise 0, lr 0.01 |" in text
+    assert json.loads((out / "flows" / "digits" / "config.json").read_text())["train"]["lr"] == TrainConfig.lr
     capsys.readouterr()
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--json", "--device", "cpu", "--layers", "2",
-                 "--precision", "bf16", "--reuse", "--path-noise", "0.3", "--flow-lr", "0.01"]) == 0
+                 "--precision", "bf16", "--reuse", "--path-noise", "0.3", "--flow-lr", "0.002"]) == 0
     noisy = json.loads((out / "results.json").read_text())
     assert noisy["config"]["path_noise"] == 0.3 and not any(s["flow_reused"] for s in noisy["sources"].values())
-    assert "coupling ot-perm, path noise 0.3, lr 0.01 |" in (out / "README.md").read_text()
-    assert json.loads((out / "flows" / "digits" / "config.json").read_text())["train"]["lr"] == 0.01
+    assert "coupling ot-perm, path noise 0.3, lr 0.002 |" in (out / "README.md").read_text()
+    assert json.loads((out / "flows" / "digits" / "config.json").read_text())["train"]["lr"] == 0.002
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--path-noise", "-1"]) == 2
     assert "path_noise must be a finite number ≥ 0" in capsys.readouterr().err
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--flow-lr", "0"]) == 2

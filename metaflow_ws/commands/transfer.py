@@ -34,8 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="path noise of the source flows, as `train --path-noise` (default 0, not train's 0.3: a "
                         "path-noise flow pulls samples back to the source task and resists the target's guidance)")
     p.add_argument("--flow-lr", type=float, default=None, metavar="LR",
-                   help="peak learning rate of the source flows (default 2e-3, the rate the stored transfer results "
-                        "were measured at; train's default is 1e-2)")
+                   help="peak learning rate of the source flows (default 1e-2, as metaflow-ws train)")
     add_speed_options(p, "train the source flows")
     p.add_argument("--reuse", action="store_true",
                    help="load the source flows an earlier run saved in OUT/flows when their configuration and zoo "
