@@ -250,7 +250,7 @@ def test_transfer_cli_end_to_end(tmp_path, capsys):
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--path-noise", "-1"]) == 2
     assert "path_noise must be a finite number ≥ 0" in capsys.readouterr().err
     assert main(["transfer", "--out", str(out), "--preset", "tiny", "--flow-lr", "0"]) == 2
-    assert "flow_lr must be > 0; got 0.0" in capsys.readouterr().err
+    assert "flow_lr must be a finite number > 0; got 0.0" in capsys.readouterr().err
 
 
 def test_normalized_guidance_steps_have_length_lambda_dt_and_lower_the_loss(flows, monkeypatch):

@@ -37,7 +37,7 @@ from metaflow_ws.evaluation.metrics import batch_metrics
 from metaflow_ws.flows import FlowConfig, SampleConfig, TrainConfig, WeightFlow, sample, train_flow
 from metaflow_ws.flows.flow import check_path_noise
 from metaflow_ws.flows.sampling import guidance_gradient
-from metaflow_ws.flows.train import saved_flow_matches
+from metaflow_ws.flows.train import check_lr, saved_flow_matches
 from metaflow_ws.init import Support, balance_scales, candidate_gradients
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.nets.growth import can_grow
@@ -138,8 +138,7 @@ class TransferConfig:
         if self.coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {self.coupling!r}; expected one of {list(COUPLINGS)}")
         check_path_noise(self.path_noise, "path_noise")
-        if not self.flow_lr > 0:
-            raise ValueError(f"flow_lr must be > 0; got {self.flow_lr}")
+        check_lr(self.flow_lr, "flow_lr")
         if self.mnist_support is not None and self.mnist_support < 1:
             raise ValueError(f"mnist_support must be ≥ 1 training points or None (all); got {self.mnist_support}")
         if not self.sample_steps or min(self.sample_steps) < 1:

@@ -20,11 +20,17 @@ from metaflow_ws.flows.flow import CONFIG_NAME, PRECISIONS, WEIGHTS_NAME, FlowCo
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.io.zoo import Zoo
 
-__all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "flow_matching_loss", "query_loss",
+__all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "check_lr", "flow_matching_loss", "query_loss",
            "saved_flow_matches", "train_flow"]
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
+
+
+def check_lr(lr: float, name: str = "lr") -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``lr`` is a valid learning rate (finite, > 0)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {lr}")
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,7 @@ class TrainConfig:
         for k in ("steps", "batch_size", "checkpoint_every", "query_steps", "query_points"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be ≥ 1; got {getattr(self, k)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0; got {self.lr}")
+        check_lr(self.lr)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay}")
         lo, hi = (int(v) for v in self.support_sizes)
