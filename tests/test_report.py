@@ -137,6 +137,11 @@ def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
     assert full.path_noise == SIGMA
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "0"]) == 0
     assert seen["cfg"].path_noise == 0.0
+    from metaflow_ws.flows.train import TrainConfig
+
+    assert full.lr == TrainConfig.lr == 1e-2
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--lr", "5e-3"]) == 0
+    assert seen["cfg"].lr == 5e-3
 
 
 def test_report_errors(tmp_path, monkeypatch, capsys):
@@ -155,6 +160,9 @@ def test_report_errors(tmp_path, monkeypatch, capsys):
             ReportConfig(task="digits", out_dir=tmp_path, path_noise=bad)
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "-1"]) == 2
     assert "path_noise must be a finite number" in capsys.readouterr().err
+    for bad in ("0", "-1e-3", "nan", "inf"):
+        assert main(["report", "--task", "digits", "--out", str(tmp_path), f"--lr={bad}"]) == 2
+        assert "lr must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_gaussian_toy_delegates(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from metaflow_ws.experiments.flows_table import FlowRun
 from metaflow_ws.flows.flow import SIGMA, check_path_noise
-from metaflow_ws.flows.train import TrainConfig
+from metaflow_ws.flows.train import TrainConfig, check_lr
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.nets.spec import Params
@@ -110,6 +110,7 @@ class ReportConfig:
         if self.coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {self.coupling!r}; choose one of {', '.join(COUPLINGS)}")
         check_path_noise(self.path_noise, "path_noise")
+        check_lr(self.lr, "lr")
         if self.lik_estimator not in ("exact", "hutchinson"):
             raise ValueError(f"lik_estimator must be 'exact' or 'hutchinson'; got {self.lik_estimator!r}")
 
