@@ -11,6 +11,7 @@ import torch
 from metaflow_ws.cli import main
 from metaflow_ws.evaluation import noise_baseline_matched_accuracy
 from metaflow_ws.experiments.report import ReportConfig, run_report
+from metaflow_ws.flows.train import TrainConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("bma", "accuracy_histogram", "steps", "guidance", "noise", "barrier", "likelihood")
@@ -91,7 +92,7 @@ def test_reuse_needs_a_matching_configuration(tiny_report):
     import dataclasses
 
     from metaflow_ws.flows.train import saved_flow_matches as _matches
-    from metaflow_ws.flows import FlowConfig, TrainConfig
+    from metaflow_ws.flows import FlowConfig
     from metaflow_ws.io import Zoo
 
     out, res = tiny_report
@@ -137,8 +138,6 @@ def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
     assert full.path_noise == SIGMA
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "0"]) == 0
     assert seen["cfg"].path_noise == 0.0
-    from metaflow_ws.flows.train import TrainConfig
-
     assert full.lr == TrainConfig.lr == 1e-2
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--lr", "5e-3"]) == 0
     assert seen["cfg"].lr == 5e-3
