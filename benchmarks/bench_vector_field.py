@@ -169,7 +169,9 @@ def _mode(compiled: bool, precision: str) -> str:
     return ("compiled" if compiled else "eager") + ("+bf16" if precision == "bf16" else "")
 
 
-def _run(target, *a):  # noqa: ANN001 - helper for subprocess isolation
+def run_isolated(target, *a):  # noqa: ANN001 - also used by profile_train_step.py
+    """``target(*a, queue)`` in a fresh spawned process (its own peak memory and compile state); returns what
+    it puts on the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*a, q))
@@ -215,9 +217,9 @@ def main() -> None:
     for w, ck in configs:
         for compiled in [False, True] if args.compile and ck == "auto" else [False]:
             for prec in precisions:
-                rows.append(_run(train_config, w, args, ck, compiled, prec))
+                rows.append(run_isolated(train_config, w, args, ck, compiled, prec))
     sampling = [] if args.quick else [
-        _run(sampling_config, args, compiled, prec)
+        run_isolated(sampling_config, args, compiled, prec)
         for compiled in ([False, True] if args.compile else [False]) for prec in precisions]
 
     if args.json:

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from bench_vector_field import run_isolated  # benchmarks/ is on sys.path when run as a script
 from metaflow_ws.models import RelationalTransformer
 from metaflow_ws.nets import NetworkSpec
 
@@ -103,16 +104,6 @@ def profile_mode(args: argparse.Namespace, cpp_wrapper: bool, out: mp.Queue) -> 
              "profiled_ms": split})
 
 
-def _run(*a) -> dict:  # noqa: ANN002 - subprocess isolation, as in bench_vector_field.py
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=profile_mode, args=(*a, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graph", default="30-16-16-2", help="widths of the target network (default: breast_cancer)")
@@ -126,9 +117,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     params, gflop = flops(args)
-    row = _run(args, False)
+    row = run_isolated(profile_mode, args, False)
     if args.cpp_wrapper:
-        row["cpp_wrapper"] = _run(args, True)
+        row["cpp_wrapper"] = run_isolated(profile_mode, args, True)
     if args.json:
         print(json.dumps({"graph": args.graph, "params": params, "gflop_per_step": gflop, **row}, indent=2))
         return
