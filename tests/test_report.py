@@ -11,6 +11,7 @@ import torch
 from metaflow_ws.cli import main
 from metaflow_ws.evaluation import noise_baseline_matched_accuracy
 from metaflow_ws.experiments.report import ReportConfig, run_report
+from metaflow_ws.experiments.report import _argmax_finite as rep_argmax
 from metaflow_ws.flows.train import TrainConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -86,6 +87,37 @@ def test_report_path_noise_reaches_the_flows(tiny_report, tmp_path):
     assert not any(f["reused"] for f in again["flows"].values())
     assert {f["path_noise"] for f in again["flows"].values()} == {0.0}
     assert "path noise 0 (`train --path-noise`)" in (out / "README.md").read_text()
+
+
+def test_classification_goals_check_bma_on_the_flow_chosen_for_it(tmp_path, monkeypatch):
+    """On digits the BMA goal is checked on the best flow by validation accuracy and, where another flow has the
+    higher validation BMA, on that one too; both choices use the validation split only."""
+    from metaflow_ws.experiments import report as rep
+
+    val_acc, val_bma = iter([0.9, 0.1, 0.5]), iter([0.1, 0.2, 0.8])  # headline order: Euclidean, Normalized, Geo
+    monkeypatch.setattr(rep._Report, "_val_accuracy", lambda self, params: next(val_acc))
+    monkeypatch.setattr(rep._Report, "_val_bma_accuracy", lambda self, params: next(val_bma))
+    res = run_report(_tiny(tmp_path, task="digits", ablation=False, figures=False))
+    assert res["best_flow"].startswith("euclidean") and res["best_bma_flow"].startswith("geometric")
+    bma_goals = [g for g in res["goals"] if g["goal"].startswith("BMA")]
+    assert [g["flow"] for g in bma_goals] == [res["best_flow"], res["best_bma_flow"]]
+    table = {r["flow"]: r for r in res["table"] if r["kind"] == "flow"}
+    for g in bma_goals:  # each goal reads its own flow's test BMA curve
+        assert g["value"] == pytest.approx(max(table[g["flow"]]["bma"]["accuracy"]))
+        assert g["met"] == (g["value"] >= res["table"][0]["accuracy_mean"])
+    text = (tmp_path / "README.md").read_text()
+    assert "(flow chosen by validation BMA of 4)" in text and "by validation accuracy of the model average" in text
+
+
+def test_validation_bma_picks_a_flow_from_the_validation_split(tiny_report):
+    _, res = tiny_report
+    val_bma = res["validation_bma_accuracy"]
+    assert set(val_bma) == set(res["validation_accuracy"])
+    assert all(0.0 <= v <= 1.0 for v in val_bma.values())
+    assert val_bma[res["best_bma_flow"]] == max(val_bma.values())
+    assert rep_argmax({"a": float("nan"), "b": 0.2, "c": 0.2}) == "b"
+    with pytest.raises(ValueError, match="no flows"):
+        rep_argmax({})
 
 
 def test_reuse_needs_a_matching_configuration(tiny_report):
