@@ -137,9 +137,10 @@ def layer_map(own: NetworkSpec, other: NetworkSpec) -> tuple[tuple[int, ...], tu
 class _Topology(nn.Module):
     """Index buffers and layer offsets of the neural graph (moves with the model's ``.to(device)``).
 
-    ``node_layer`` / ``edge_layer`` index the *model's* per-layer parameters: for a spec of another depth they go
-    through :func:`layer_map` (``own``, the model's spec), and ``linear_src`` / ``neuron_src`` say which readout
-    column every linear / neuron layer of ``spec`` uses.
+    ``linear_src`` / ``neuron_src`` say which row of the *model's* per-layer parameters (embeddings, value maps,
+    readout columns) every linear / neuron layer of ``spec`` uses: the identity on the model's own spec, through
+    :func:`layer_map` (``own``, the model's spec) for another depth. :meth:`nodes_of` / :meth:`edges_of` expand
+    such per-layer tables to every node / edge.
     """
 
     def __init__(self, spec: NetworkSpec, own: NetworkSpec | None = None) -> None:
@@ -159,8 +160,24 @@ class _Topology(nn.Module):
         self.register_buffer("source", g.source.clone(), persistent=False)
         self.register_buffer("target", g.target.clone(), persistent=False)
         self.register_buffer("receivers", torch.cat([g.target, g.source]), persistent=False)
-        self.register_buffer("node_layer", torch.tensor(neu, dtype=torch.long)[g.node_layer], persistent=False)
-        self.register_buffer("edge_layer", torch.tensor(lin, dtype=torch.long)[g.edge_layer], persistent=False)
+        # nodes and edges are stored layer by layer: per-layer parameters are expanded block by block
+        self.node_sizes = tuple(spec.widths)
+        self.edge_sizes = tuple(spec.widths[i] * spec.widths[i + 1] for i in range(spec.num_layers))
+
+    def nodes_of(self, table: Tensor) -> Tensor:
+        """``(N, d)``: row ``neuron_src[l]`` of ``table: (L + 1, d)`` for every node of neuron layer ``l``."""
+        return _expand_rows(table, self.neuron_src, self.node_sizes)
+
+    def edges_of(self, table: Tensor) -> Tensor:
+        """``(E, d)``: row ``linear_src[i]`` of ``table: (L, d)`` for every edge of linear layer ``i``."""
+        return _expand_rows(table, self.linear_src, self.edge_sizes)
+
+
+def _expand_rows(table: Tensor, rows: tuple[int, ...], sizes: tuple[int, ...]) -> Tensor:
+    """``table[rows[i]]`` repeated ``sizes[i]`` times, blocks stacked: ``table[index]`` for a block-sorted index,
+    whose backward sums each block (deterministic) where advanced indexing's backward accumulates with
+    ``index_put_``, which on CPU adds atomically from several threads and so differs between runs."""
+    return torch.cat([table[r].expand(n, -1) for r, n in zip(rows, sizes)], 0)
 
 
 # ------------------------------------------------------------------------------------- aggregation backends
@@ -435,7 +452,7 @@ class RelationalTransformer(nn.Module):
 
     def _node_positions(self, topo: _Topology | None = None) -> Tensor:
         """``(N, d)`` positional embeddings: layer embedding, plus index embeddings on input/output neurons."""
-        pos = self.node_layer_emb[(self.topo if topo is None else topo).node_layer]
+        pos = (self.topo if topo is None else topo).nodes_of(self.node_layer_emb)
         n_in, n_out = self.spec.in_features, self.spec.out_features
         return torch.cat([pos[:n_in] + self.input_emb, pos[n_in:-n_out], pos[-n_out:] + self.output_emb], 0)
 
@@ -537,16 +554,16 @@ class RelationalTransformer(nn.Module):
         # graph features: values embedded per layer, plus positions and globals
         nodes_x, edges_x = self._graph_values(x, topo)
         node_base = self._node_positions(topo).unsqueeze(0)
-        edge_base = self.edge_layer_emb[topo.edge_layer].unsqueeze(0)
+        edge_base = topo.edges_of(self.edge_layer_emb).unsqueeze(0)
         if self.globals_in is not None:
             g_node, g_edge = self.globals_in(x[:, big_d:]).unsqueeze(1).split([d, self.d_edge], dim=-1)
             node_base, edge_base = node_base + g_node, edge_base + g_edge
-        h = torch.addcmul(node_base, nodes_x.unsqueeze(-1), self.node_value[topo.node_layer])
-        e = torch.addcmul(edge_base, edges_x.unsqueeze(-1), self.edge_value[topo.edge_layer])
+        h = torch.addcmul(node_base, nodes_x.unsqueeze(-1), topo.nodes_of(self.node_value))
+        e = torch.addcmul(edge_base, edges_x.unsqueeze(-1), topo.edges_of(self.edge_value))
         if anchor is not None:
             nodes_a, edges_a = self._graph_values(anchor.to(x.dtype), topo)
-            h = torch.addcmul(h, nodes_a.unsqueeze(-1), self.node_anchor_value[topo.node_layer])
-            e = torch.addcmul(e, edges_a.unsqueeze(-1), self.edge_anchor_value[topo.edge_layer])
+            h = torch.addcmul(h, nodes_a.unsqueeze(-1), topo.nodes_of(self.node_anchor_value))
+            e = torch.addcmul(e, edges_a.unsqueeze(-1), topo.edges_of(self.edge_anchor_value))
         # layers
         # activation checkpointing relies on saved-tensor hooks, which torch.func transforms (the likelihood's
         # vjp / jacrev of the field) do not support: inside one, layers run plainly
