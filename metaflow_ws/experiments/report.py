@@ -713,11 +713,9 @@ class _Report:
             goals.append({"goal": "best flow per-sample accuracy ≥ 90 % of the trained networks' mean",
                           "value": ratio, "met": ratio >= 0.9,
                           "detail": f"{best['accuracy_mean']:.4f} / {zoo_acc:.4f}"})
-            rules = [(self.best, "best flow by validation accuracy")]
-            if self.best_bma == self.best:
-                rules = [(self.best, f"best flow by validation accuracy and by validation BMA of {self.cfg.bma_max}")]
-            else:
-                rules.append((self.best_bma, f"flow chosen by validation BMA of {self.cfg.bma_max}"))
+            by_bma = f"validation BMA of {self.cfg.bma_max}"
+            rules = ([(self.best, f"best flow by validation accuracy and by {by_bma}")] if self.best_bma == self.best
+                     else [(self.best, "best flow by validation accuracy"), (self.best_bma, f"flow chosen by {by_bma}")])
             for name, rule in rules:
                 row = flows[name]
                 bma = max(row.get("bma", {}).get("accuracy", [float("nan")])[: self.cfg.bma_max])
