@@ -19,11 +19,13 @@ from metaflow_ws.evaluation import (
     full_metrics,
     functional_diversity,
     js_divergence,
+    mean_pairwise_disagreement,
     mean_pairwise_js,
     mean_pairwise_msd,
     nearest_neighbours,
     novelty,
     pairwise_js_matrix,
+    prediction_disagreement,
     predictive_probs,
     reference_scale,
     reliability_bins,
@@ -200,6 +202,35 @@ def test_regression_diversity_equals_a_brute_force_double_loop():
     expected = torch.stack(pairs).mean()
     torch.testing.assert_close(mean_pairwise_msd(out), expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(functional_diversity(spec, params, x, "regression"), expected, rtol=1e-12, atol=0)
+
+
+def test_disagreement_equals_a_brute_force_double_loop_and_ignores_confidence():
+    params = rand_params(SPEC, 6, std=1.5)
+    x = rand_x(40, 5)
+    labels = predictive_probs(SPEC, params, x).argmax(-1)
+    pairs = [(labels[i] != labels[j]).double().mean() for i in range(6) for j in range(i + 1, 6)]
+    expected = float(torch.stack(pairs).mean())
+    assert 0 < expected < 1
+    assert float(mean_pairwise_disagreement(labels)) == pytest.approx(expected, abs=1e-6)
+    assert float(prediction_disagreement(SPEC, params, x)) == pytest.approx(expected, abs=1e-6)
+    # scaling every network's last layer (weights and bias) changes its confidence, not its decisions: the same
+    # disagreement, a different JS
+    sharp = {k: v * 3.0 if k.startswith(f"layers.{SPEC.num_layers - 1}.") else v for k, v in params.items()}
+    assert float(prediction_disagreement(SPEC, sharp, x)) == pytest.approx(expected, abs=1e-6)
+    assert float(functional_diversity(SPEC, sharp, x)) > float(functional_diversity(SPEC, params, x))
+
+
+def test_disagreement_closed_forms_and_errors():
+    assert float(mean_pairwise_disagreement(torch.zeros(4, 7, dtype=torch.long))) == 0.0
+    assert float(mean_pairwise_disagreement(torch.tensor([[0, 1, 2], [1, 2, 0]]))) == 1.0
+    # three networks on one input, classes 0, 0, 1: one agreeing pair of three
+    assert float(mean_pairwise_disagreement(torch.tensor([[0], [0], [1]]))) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pairwise_disagreement(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        mean_pairwise_disagreement(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="≥ 0"):
+        mean_pairwise_disagreement(torch.tensor([[0, -1], [0, 1]]))
 
 
 def test_diversity_needs_two_networks_and_a_known_kind():

@@ -54,6 +54,18 @@ def test_report_writes_readme_results_and_figures(tiny_report):
     assert len(saved["table_4_1"]) == 12  # three flows × {unaligned, aligned, aligned+OT, aligned+OT+perm}
     assert {r["kind"] for r in saved["table"]} >= {"zoo", "ensemble", "heldout", "flow", "noise", "noise_acc", "average"}
     assert set(saved["stage_seconds"]) >= {"zoo", "flow training (or loading)", "likelihood detection"}
+    # disagreement of the saved samples, recomputed, is what the report shows next to the noise baseline's
+    from metaflow_ws.evaluation import prediction_disagreement
+    from metaflow_ws.io.zoo import Zoo
+    from metaflow_ws.tasks import get_task
+
+    task = get_task("breast_cancer")
+    x_te = task.data(Zoo.load(out / "zoo.safetensors").data_seed).split("test")[0]
+    for b in saved["noise_baselines"]:
+        smp = Zoo.load(out / "flows" / b["flow"] / "samples.safetensors")
+        assert b["flow_disagreement"] == pytest.approx(float(prediction_disagreement(task.spec, smp, x_te)))
+        assert 0.0 <= b["matched_accuracy"]["disagreement"] <= 1.0
+        assert f"{b['flow_diversity']:.4f} / {b['flow_disagreement']:.3f} / " in text
     for f in saved["likelihood"]["flows"].values():
         for pop, d in f["nats_per_dim"].items():
             if pop != "positive" and pop != "zoo (training) networks":

@@ -22,9 +22,11 @@ from metaflow_ws.evaluation.diversity import (
     entropy,
     functional_diversity,
     js_divergence,
+    mean_pairwise_disagreement,
     mean_pairwise_js,
     mean_pairwise_msd,
     pairwise_js_matrix,
+    prediction_disagreement,
 )
 from metaflow_ws.evaluation.detection import (
     auroc,
@@ -64,6 +66,7 @@ __all__ = [
     "full_metrics",
     "functional_diversity",
     "js_divergence",
+    "mean_pairwise_disagreement",
     "mean_pairwise_js",
     "mean_pairwise_msd",
     "nearest_neighbours",
@@ -72,6 +75,7 @@ __all__ = [
     "noise_baseline_matched_accuracy",
     "novelty",
     "pairwise_js_matrix",
+    "prediction_disagreement",
     "predictive_probs",
     "reference_scale",
     "reliability_bins",

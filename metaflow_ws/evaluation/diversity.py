@@ -17,6 +17,11 @@ How this differs from the thesis's estimate
     predictive distributions input by input (two networks with the same marginal output histogram but different
     per-input predictions are diverse here, not under a density-of-outputs estimate).
 
+Disagreement (classification, a scale-free companion): the mean over pairs ``i < j`` of the fraction of inputs on
+which the two networks' top classes differ (Fort et al. 2019). JS also grows with the networks' confidence, so a
+population of sharper networks looks more diverse at the same errors; disagreement counts only different
+decisions. Exact in O(B·N) from the class counts ``m_c`` per input: ``(B² − Σ_c m_c²) / (B(B − 1))``.
+
 Regression: the mean pairwise mean squared difference of predictions,
 ``mean_{i<j} mean_{n,o} (f_i(x_n)_o − f_j(x_n)_o)²``, computed exactly in O(B) as
 ``2/(B−1) · Σ_i mean_{n,o} (f_i − f̄)²``.
@@ -37,9 +42,11 @@ __all__ = [
     "entropy",
     "functional_diversity",
     "js_divergence",
+    "mean_pairwise_disagreement",
     "mean_pairwise_js",
     "mean_pairwise_msd",
     "pairwise_js_matrix",
+    "prediction_disagreement",
 ]
 
 #: Default number of elements (pairs × N × C) materialised at once by the pairwise JS.
@@ -130,6 +137,39 @@ def mean_pairwise_msd(preds: Tensor) -> Tensor:
         raise ValueError("need at least one input (N ≥ 1) to compare predictions")
     centred = preds - preds.mean(0, keepdim=True)
     return 2.0 / (b - 1) * (centred**2).mean(dim=(1, 2)).sum()
+
+
+def mean_pairwise_disagreement(labels: Tensor, num_classes: int | None = None) -> Tensor:
+    """Mean over pairs ``i < j`` of the fraction of inputs where networks ``i`` and ``j`` predict different classes.
+
+    ``labels``: ``(B, N)`` integer predictions of B ≥ 2 networks on N ≥ 1 inputs; ``num_classes`` (default: the
+    largest label + 1). Returns a 0-dim float tensor in ``[0, 1]``: exact, from the class counts per input.
+    """
+    if labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be (B, N) integer class predictions; got {tuple(labels.shape)} {labels.dtype}")
+    b, n = labels.shape
+    if b < 2:
+        raise ValueError(f"disagreement needs at least 2 networks; got {b}")
+    if n == 0:
+        raise ValueError("need at least one input (N ≥ 1) to compare predictions")
+    if int(labels.min()) < 0:
+        raise ValueError("labels must be class indices ≥ 0")
+    c = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    counts = torch.zeros(n, c, dtype=torch.float64, device=labels.device)
+    counts.scatter_add_(1, labels.t(), torch.ones(n, b, dtype=torch.float64, device=labels.device))  # [N, C]
+    agree_ordered = counts.pow(2).sum(1) - b  # ordered pairs i ≠ j with the same class, per input
+    return (1.0 - agree_ordered / (b * (b - 1))).mean().float()
+
+
+@torch.no_grad()
+def prediction_disagreement(spec: NetworkSpec, params: Zoo | Mapping[str, Tensor], x: Tensor, *,
+                            chunk: int = 1024) -> Tensor:
+    """:func:`mean_pairwise_disagreement` of the top classes of a population on the inputs ``x`` (classification).
+
+    ``params``: ``{name: [B, ...]}`` or a :class:`Zoo` (B ≥ 2); ``x``: ``(N, in)``. Returns a 0-dim tensor.
+    """
+    out = network_outputs(spec, as_params(params, spec), x, chunk=chunk)
+    return mean_pairwise_disagreement(out.argmax(-1), num_classes=out.shape[-1])
 
 
 @torch.no_grad()

@@ -5,9 +5,9 @@ Stages (each timed): train or load the zoo; train (or, with ``reuse``, load) the
 the ``coupling`` of ``metaflow-ws train``'s default, ``ot-perm``; the headline budget) and, for
 ``breast_cancer``, the thesis's Table 4.1 grid of the three flows × {unaligned, aligned, aligned+OT} plus an
 aligned+OT+perm column; sample every flow; evaluate samples and baselines on the test split
-(accuracy, NLL, ECE, Brier, functional diversity, novelty, BMA curves); sweep integration steps, guidance
-strength and stochastic noise; loss barriers before/after alignment; likelihood AUROC of held-out trained
-networks against random-init and corrupted ones. Every file is written atomically; flows are kept under
+(accuracy, NLL, ECE, Brier, functional diversity and disagreement, novelty, BMA curves); sweep integration
+steps, guidance strength and stochastic noise; loss barriers before/after alignment; likelihood AUROC of
+held-out trained networks against random-init and corrupted ones. Every file is written atomically; flows are kept under
 ``OUT/flows/`` so that ``reuse=True`` skips retraining them.
 
 Seeds: zoo ``seed``; held-out trained networks ``seed + 1``; flow training ``seed``; sampling and baselines
@@ -434,7 +434,7 @@ class _Report:
 
     # -------------------------------------------------------------------------------------- evaluation
     def _metrics(self, params: Params, *, novelty: bool = True, bma: bool = True) -> dict[str, Any]:
-        from metaflow_ws.evaluation import bma_curve, full_metrics, functional_diversity
+        from metaflow_ws.evaluation import bma_curve, full_metrics, functional_diversity, prediction_disagreement
         from metaflow_ws.evaluation import novelty as novelty_fn
 
         m = full_metrics(self.task, params, "test", data_seed=self.zoo.data_seed)
@@ -444,6 +444,7 @@ class _Report:
             row[f"{k}_mean"], row[f"{k}_std"] = _mean_std(v)
         row["accuracies"] = m["accuracy"].tolist()
         row["diversity"] = float(functional_diversity(self.spec, params, self.x_te)) if n > 1 else 0.0
+        row["disagreement"] = float(prediction_disagreement(self.spec, params, self.x_te)) if n > 1 else 0.0
         if novelty:
             nov = novelty_fn(params, self.zoo, align_fn=self._align_canonical).summary()
             row["novelty_median"], row["novelty_mean"] = nov["ratio_median"], nov["ratio_mean"]
@@ -513,7 +514,8 @@ class _Report:
             name = _folder_name(run, steps)
             frow = next(r for r in rows if r.get("flow") == name)
             entry: dict[str, Any] = {"flow": name, "label": run.label, "flow_accuracy": frow["accuracy_mean"],
-                                     "flow_diversity": frow["diversity"], "flow_novelty": frow["novelty_median"]}
+                                     "flow_diversity": frow["diversity"], "flow_disagreement": frow["disagreement"],
+                                     "flow_novelty": frow["novelty_median"]}
             nb = None
             for centers in (None, 1):  # flow samples less diverse than distinct runs: perturb one network
                 try:
@@ -728,7 +730,8 @@ class _Report:
             goals.append({"goal": "novelty and diversity above the noise baseline at matched accuracy",
                           "value": {"flow": [best["diversity"], best["novelty_median"]],
                                     "noise": [nb["diversity"], nb["novelty_median"]]}, "met": met,
-                          "detail": f"diversity {best['diversity']:.4f} vs {nb['diversity']:.4f}, novelty "
+                          "detail": f"diversity {best['diversity']:.4f} vs {nb['diversity']:.4f} (disagreement "
+                                    f"{best['disagreement']:.3f} vs {nb['disagreement']:.3f}), novelty "
                                     f"{best['novelty_median']:.3f} vs {nb['novelty_median']:.3f}"})
         self.results["goals"] = goals
 
@@ -770,17 +773,19 @@ class _Report:
                 _pm(row, "brier"), _f(row.get("diversity")), _f(row.get("novelty_median"), 3),
                 _f(row.get("near_copies"), 2), _f(row.get("bma_accuracy")), _f(row.get("bma_nll"))]) + " |")
         lines += ["", "Flows against the noise baseline (final checkpoints + Gaussian weight noise) tuned to each "
-                  "flow's diversity (compare accuracy) or to its accuracy (compare diversity and novelty):", "",
-                  "| flow | flow acc / div / novelty | noise @ matched diversity: σ, acc, novelty | noise @ matched "
-                  "accuracy: σ, acc, div, novelty |", "|---|---|---|---|"]
+                  "flow's diversity (compare accuracy) or to its accuracy (compare diversity and novelty). "
+                  "Disagreement: mean pairwise fraction of test inputs on which two networks' top classes differ "
+                  "(scale-free: unlike JS it does not grow with the networks' confidence):", "",
+                  "| flow | flow acc / div / disagreement / novelty | noise @ matched diversity: σ, acc, novelty | "
+                  "noise @ matched accuracy: σ, acc, div, disagreement, novelty |", "|---|---|---|---|"]
         for b in r["noise_baselines"]:
             d, a = b.get("matched_diversity"), b["matched_accuracy"]
             dcell = (f"{d['sigma']:.3g}, {d['accuracy_mean']:.4f}, {d['novelty_median']:.3g}" if d is not None
                      else "not reachable")
             lines.append(f"| {b['label']} | {b['flow_accuracy']:.4f} / {b['flow_diversity']:.4f} / "
-                         f"{b['flow_novelty']:.3g} | {dcell} | {a['sigma']:.3g}, {a['accuracy_mean']:.4f}"
-                         f"{'' if a['converged'] else ' (not matched)'}, {a['diversity']:.4f}, "
-                         f"{a['novelty_median']:.3g} |")
+                         f"{_f(b.get('flow_disagreement'), 3)} / {b['flow_novelty']:.3g} | {dcell} | "
+                         f"{a['sigma']:.3g}, {a['accuracy_mean']:.4f}{'' if a['converged'] else ' (not matched)'}, "
+                         f"{a['diversity']:.4f}, {_f(a.get('disagreement'), 3)}, {a['novelty_median']:.3g} |")
         if "table_4_1" in r:
             steps = r["table_4_1"][0]["steps"]
             lines += ["", f"## Thesis Table 4.1 protocol: flows × alignment / coupling ({steps} training steps each)",
