@@ -66,6 +66,20 @@ def test_report_writes_readme_results_and_figures(tiny_report):
         assert b["flow_disagreement"] == pytest.approx(float(prediction_disagreement(task.spec, smp, x_te)))
         assert 0.0 <= b["matched_accuracy"]["disagreement"] <= 1.0
         assert f"{b['flow_diversity']:.4f} / {b['flow_disagreement']:.3f} / " in text
+    # every guidance / stochastic-noise sweep point has the noise baseline's diversity at its accuracy (NaN where
+    # the trained networks themselves are less accurate)
+    for key in ("guidance", "noise"):
+        blk = saved["sweeps"][key]
+        nb = blk["noise_baseline"]["diversity"]
+        acc = next(iter(blk["series"].values()))["accuracy"]
+        assert len(nb) == len(blk["values"])
+        zoo_acc = saved["table"][0]["accuracy_mean"]
+        for a, d in zip(acc, nb):
+            if a > zoo_acc + 0.011:
+                assert d is None  # NaN in results.json: above what noise on the trained networks reaches
+            elif a <= zoo_acc:
+                assert d >= 0
+    assert text.count("| noise baseline at the same accuracy: div |") == 2
     for f in saved["likelihood"]["flows"].values():
         for pop, d in f["nats_per_dim"].items():
             if pop != "positive" and pop != "zoo (training) networks":

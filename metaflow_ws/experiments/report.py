@@ -600,29 +600,48 @@ class _Report:
         n_vals = [self._quality(self._draw(best, n, noise=eps, offset=400)) for eps in cfg.noise_sweep]
         zoo_row = self.rows[0]
         ref = {"accuracy": zoo_row["accuracy_mean"], "nll": zoo_row["nll_mean"], "diversity": zoo_row["diversity"]}
+        # every sampler setting against the noise baseline at its own accuracy (the diversity goal's comparison)
+        noise_label = "noise baseline at the same accuracy"
+        g_noise, n_noise = ({"diversity": [self._noise_diversity_at(v["accuracy"], n) for v in vals]}
+                            for vals in (g_vals, n_vals))
         self.results["sweeps"] = {
             "samples": n, "flow": best,
             "steps": {"values": list(cfg.step_sweep), "series": steps_series},
             "guidance": {"values": list(cfg.guidance_sweep), "series": {label: _columns(g_vals)},
+                         "noise_baseline": g_noise,
                          "guidance_points": min(cfg.guidance_points, int(self.x_tr.shape[0]))},
-            "noise": {"values": list(cfg.noise_sweep), "series": {label: _columns(n_vals)}},
+            "noise": {"values": list(cfg.noise_sweep), "series": {label: _columns(n_vals)},
+                      "noise_baseline": n_noise},
         }
         self._figure("steps", lambda: rp.sweep_plot(list(cfg.step_sweep), steps_series, xlabel="integration steps",
                                             metrics=("accuracy", "nll"), logx=True, reference=ref,
                                             title=f"{self.task.name}: quality vs integration steps ({cfg.solver})"),
                      f"Mean test accuracy and NLL of {n} samples per point vs the number of {cfg.solver} steps.")
-        self._figure("guidance", lambda: rp.sweep_plot(list(cfg.guidance_sweep), {label: _columns(g_vals)},
+        self._figure("guidance", lambda: rp.sweep_plot(list(cfg.guidance_sweep),
+                                               {label: _columns(g_vals), noise_label: g_noise},
                                                xlabel="guidance strength λ", metrics=("accuracy", "nll", "diversity"),
                                                logx=True, reference=ref,
                                                title=f"{self.task.name}: task-loss guidance ({label})"),
                      "Guidance by the training-loss gradient (x ← exp_x(dt·(v − λ∇L))): test accuracy, NLL and "
-                     "diversity vs λ.")
-        self._figure("noise", lambda: rp.sweep_plot(list(cfg.noise_sweep), {label: _columns(n_vals)},
-                                            xlabel="stochastic sampling noise ε", metrics=("accuracy", "nll", "diversity"),
-                                            logx=True, reference=ref,
+                     "diversity vs λ; the noise baseline's diversity at each point's accuracy beside it.")
+        self._figure("noise", lambda: rp.sweep_plot(list(cfg.noise_sweep),
+                                            {label: _columns(n_vals), noise_label: n_noise},
+                                            xlabel="stochastic sampling noise ε",
+                                            metrics=("accuracy", "nll", "diversity"), logx=True, reference=ref,
                                             title=f"{self.task.name}: stochastic sampling ({label})"),
                      "Stochastic sampling (ε·sqrt(dt) tangent noise at every step but the last): accuracy, NLL "
-                     "and diversity vs ε.")
+                     "and diversity vs ε; the noise baseline's diversity at each point's accuracy beside it.")
+
+    def _noise_diversity_at(self, accuracy: float, n: int) -> float:
+        """Test diversity of ``n`` final checkpoints + Gaussian noise tuned to a mean test ``accuracy``; NaN when
+        the noise baseline ends more than 0.01 below it (the checkpoints themselves are less accurate)."""
+        from metaflow_ws.evaluation import functional_diversity, noise_baseline_matched_accuracy
+
+        na = noise_baseline_matched_accuracy(self.zoo, self.x_te, self.y_te, accuracy, generator=self._gen(501),
+                                             num_samples=n)
+        if na.info["achieved"] < accuracy - 0.01:
+            return float("nan")
+        return float(functional_diversity(self.spec, na.params, self.x_te))
 
     # ------------------------------------------------------------------------------------------ barrier
     def _barriers(self) -> None:
@@ -821,6 +840,9 @@ class _Report:
                       "|---|" + "---|" * len(blk["values"]),
                       "| acc / NLL / div | " + " | ".join(f"{a:.3f} / {b:.3f} / {c:.3f}" for a, b, c in
                                                         zip(s["accuracy"], s["nll"], s["diversity"])) + " |"]
+            if "noise_baseline" in blk:
+                lines.append("| noise baseline at the same accuracy: div | "
+                             + " | ".join(_f(v, 3) for v in blk["noise_baseline"]["diversity"]) + " |")
         b = r["barrier"]
         lines += ["", f"## Loss barriers ({b['pairs']} pairs of final checkpoints, test split)", "",
                   "| | midpoint barrier | max barrier | midpoint loss | endpoint loss |", "|---|---|---|---|---|"]

@@ -50,13 +50,18 @@ def bma_plot(curves: Mapping[str, Mapping[str, Sequence[float]]], title: str,
 def sweep_plot(x: Sequence[float], series: Mapping[str, Mapping[str, Sequence[float]]], *, xlabel: str,
                metrics: Sequence[str], title: str, logx: bool = False,
                reference: Mapping[str, float] | None = None) -> bytes:
-    """One panel per metric; ``series``: ``{label: {metric: [values per x]}}``; ``reference``: ``{metric: value}``
-    drawn as a dashed line (the trained networks)."""
+    """One panel per metric; ``series``: ``{label: {metric: [values per x]}}`` (a series may cover only some of
+    the metrics; NaN values leave gaps); ``reference``: ``{metric: value}`` drawn as a dashed line (the trained
+    networks)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6))
     axes = [axes] if len(metrics) == 1 else list(axes)
+    partial = False
     for ax, metric in zip(axes, metrics):
         for label, s in series.items():
+            if metric not in s:
+                partial = True
+                continue
             ax.plot(x, s[metric], marker="o", label=label)
         if reference and metric in reference:
             ax.axhline(reference[metric], color="k", ls="--", lw=1, label="trained networks")
@@ -68,7 +73,8 @@ def sweep_plot(x: Sequence[float], series: Mapping[str, Mapping[str, Sequence[fl
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for ax in axes if partial else axes[:1]:  # a series on some panels only: every panel says what it shows
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     return _png(fig)
 
