@@ -266,5 +266,5 @@ def test_quick_report_cli_end_to_end(tmp_path):
     """The real `--quick` budget through the CLI (a few minutes on one core)."""
     assert main(["report", "--task", "breast_cancer", "--quick", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["quick"] and len(saved["table_4_1"]) == 9
+    assert saved["quick"] and len(saved["table_4_1"]) == 12  # three flows × four alignment / coupling columns
     assert all((tmp_path / p).is_file() for p in saved["figures"].values())
