@@ -802,9 +802,9 @@ class _Report:
             dcell = (f"{d['sigma']:.3g}, {d['accuracy_mean']:.4f}, {d['novelty_median']:.3g}" if d is not None
                      else "not reachable")
             lines.append(f"| {b['label']} | {b['flow_accuracy']:.4f} / {b['flow_diversity']:.4f} / "
-                         f"{_f(b.get('flow_disagreement'), 3)} / {b['flow_novelty']:.3g} | {dcell} | "
+                         f"{b['flow_disagreement']:.3f} / {b['flow_novelty']:.3g} | {dcell} | "
                          f"{a['sigma']:.3g}, {a['accuracy_mean']:.4f}{'' if a['converged'] else ' (not matched)'}, "
-                         f"{a['diversity']:.4f}, {_f(a.get('disagreement'), 3)}, {a['novelty_median']:.3g} |")
+                         f"{a['diversity']:.4f}, {a['disagreement']:.3f}, {a['novelty_median']:.3g} |")
         if "table_4_1" in r:
             steps = r["table_4_1"][0]["steps"]
             lines += ["", f"## Thesis Table 4.1 protocol: flows × alignment / coupling ({steps} training steps each)",
