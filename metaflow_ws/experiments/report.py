@@ -7,8 +7,8 @@ the ``coupling`` of ``metaflow-ws train``'s default, ``ot-perm``; the headline b
 aligned+OT+perm column; sample every flow; evaluate samples and baselines on the test split
 (accuracy, NLL, ECE, Brier, functional diversity and disagreement, novelty, BMA curves); sweep integration
 steps, guidance strength and stochastic noise; loss barriers before/after alignment; likelihood AUROC of
-held-out trained networks against random-init and corrupted ones. Every file is written atomically; flows are kept under
-``OUT/flows/`` so that ``reuse=True`` skips retraining them.
+held-out trained networks against random-init and corrupted ones. Every file is written atomically; flows are
+kept under ``OUT/flows/`` so that ``reuse=True`` skips retraining them.
 
 Seeds: zoo ``seed``; held-out trained networks ``seed + 1``; flow training ``seed``; sampling and baselines
 fixed offsets of ``seed`` (listed in ``results.json``). The best flow is chosen on the validation split.
