@@ -485,17 +485,23 @@ def test_bf16_autocast_field_close_to_fp32_and_training_stays_fp32(tiny_bc_zoo):
 def test_learning_rate_default_is_shared_and_bad_rates_are_clear_errors(capsys):
     from metaflow_ws.cli import build_parser, main
     from metaflow_ws.experiments.report import ReportConfig
+    from metaflow_ws.tasks import get_task
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for command in ("train", "compare"):
+    for command in ("train", "compare", "report"):
         lr = next(a for a in sub.choices[command]._actions if a.dest == "lr")
-        assert lr.default == TrainConfig.lr == 1e-2, command  # one default for every flow-training entry point
-    assert ReportConfig(task="digits", out_dir="unused").lr == TrainConfig.lr
+        assert lr.default is None, command  # unset: the task's [flow] lr, else TrainConfig.lr, everywhere
+    assert TrainConfig.lr == 1e-2
+    assert ReportConfig(task="breast_cancer", out_dir="unused").lr == TrainConfig.lr
+    assert ReportConfig(task="digits", out_dir="unused").lr == get_task("digits").flow.lr == 5e-3
     for bad in (0.0, -1e-3, float("nan")):
         with pytest.raises(ValueError, match="lr must be a finite number > 0"):
             TrainConfig(lr=bad)
-    assert main(["train", "--zoo", "missing.safetensors", "--flow", "geometric", "--lr", "0", "--out", "x"]) == 2
-    assert "lr must be a finite number > 0; got 0.0" in capsys.readouterr().err
+    for command in (["train", "--zoo", "missing.safetensors", "--flow", "geometric"], ["report", "--task", "digits"]):
+        with pytest.raises(SystemExit) as e:  # a usage error, before any file is read or anything trained
+            main([*command, "--lr", "0", "--out", "x"])
+        assert e.value.code == 2
+        assert "argument --lr: lr must be a finite number > 0; got 0.0" in capsys.readouterr().err
 
 
 def test_unknown_precision_is_a_clear_error():

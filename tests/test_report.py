@@ -196,9 +196,13 @@ def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
     assert full.path_noise == SIGMA
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "0"]) == 0
     assert seen["cfg"].path_noise == 0.0
-    assert full.lr == TrainConfig.lr == 1e-2
-    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--lr", "5e-3"]) == 0
-    assert seen["cfg"].lr == 5e-3
+    # unset, the field size and lr come from the task's [flow] table (mnist1d: d=64 x 5, lr 5e-3) ...
+    assert (full.d_model, full.num_layers, full.lr) == (64, 5, 5e-3)
+    assert main(["report", "--task", "breast_cancer", "--out", str(tmp_path)]) == 0  # ... or the library's
+    assert (seen["cfg"].d_model, seen["cfg"].num_layers, seen["cfg"].lr) == (32, 3, TrainConfig.lr)
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--lr", "2e-3", "--d-model", "48"]) == 0
+    assert (seen["cfg"].d_model, seen["cfg"].num_layers, seen["cfg"].lr) == (48, 5, 2e-3)  # flags win
+    assert (cfg.d_model, cfg.num_layers, cfg.lr) == (16, 2, 5e-3)  # --quick: tiny field, the task's lr
 
 
 def test_report_errors(tmp_path, monkeypatch, capsys):
@@ -218,8 +222,9 @@ def test_report_errors(tmp_path, monkeypatch, capsys):
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "-1"]) == 2
     assert "path_noise must be a finite number" in capsys.readouterr().err
     for bad in ("0", "-1e-3", "nan", "inf"):
-        assert main(["report", "--task", "digits", "--out", str(tmp_path), f"--lr={bad}"]) == 2
-        assert "lr must be a finite number > 0" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as e:  # a usage error of the flag, before anything runs
+            main(["report", "--task", "digits", "--out", str(tmp_path), f"--lr={bad}"])
+        assert e.value.code == 2 and "argument --lr: lr must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_gaussian_toy_delegates(tmp_path, monkeypatch):

@@ -131,3 +131,60 @@ def test_register_from_python_and_schema_errors(tmp_path):
     bad.write_text("name = [")
     with pytest.raises(TaskFileError, match="invalid TOML"):
         load_task_file(bad)
+
+
+def test_flow_table_sets_the_default_flow_and_is_checked(tmp_path):
+    from metaflow_ws.flows import FlowConfig, TrainConfig, task_flow_defaults
+
+    library = {"d_model": FlowConfig.d_model, "num_layers": FlowConfig.num_layers, "lr": TrainConfig.lr}
+    assert task_flow_defaults("breast_cancer") == library  # no [flow] table
+    assert task_flow_defaults("not_a_registered_task") == library  # a zoo of a task registered elsewhere
+    assert task_flow_defaults("digits") == {"d_model": 64, "num_layers": 5, "lr": 5e-3}
+    spec = {"name": "flow_table_test_task", "kind": "classification", "dataset": {"builder": "digits"},
+            "architecture": {"widths": [64, 10, 10]}, "flow": {"lr": 3e-3}}
+    t = register_task(spec, overwrite=True)
+    assert task_flow_defaults(t.name) == library | {"lr": 3e-3}  # a partial table keeps the rest
+    assert t.to_dict()["flow"] == {"lr": 3e-3} and "flow" not in get_task("breast_cancer").to_dict()
+    head = 'name = "x"\nkind = "classification"\n[dataset]\nbuilder = "digits"\n[architecture]\nwidths = [64, 10]\n'
+    bad = tmp_path / "bad.toml"
+    for table, match in [("d_model = 0", "flow.d_model must be an integer ≥ 1; got 0"),
+                         ("num_layers = 2.5", "flow.num_layers must be an integer ≥ 1; got 2.5"),
+                         ("d_model = true", "flow.d_model must be an integer ≥ 1; got True"),
+                         ("lr = -1e-3", "flow.lr must be a positive number; got -0.001"),
+                         ("lr = nan", "flow.lr must be a positive number; got nan"),
+                         ('lr = "fast"', "flow.lr must be a positive number; got 'fast'"),
+                         ("layers = 5", "\\[flow\\]: unknown keys \\['layers'\\]; allowed: \\['d_model', 'lr', "
+                                        "'num_layers'\\]")]:
+        bad.write_text(head + "[flow]\n" + table + "\n")
+        with pytest.raises(TaskFileError, match=match):
+            load_task_file(bad)
+    bad.write_text(head.replace("[dataset]", "flow = 3\n[dataset]"))
+    with pytest.raises(TaskFileError, match="\\[flow\\] must be a table"):
+        load_task_file(bad)
+
+
+def test_train_and_compare_take_the_task_flow_table_unless_flags_say_otherwise(tmp_path, capsys):
+    import json
+
+    from metaflow_ws.cli import main
+    from metaflow_ws.flows import WeightFlow
+
+    register_task({"name": "flow_defaults_cli_task", "kind": "classification",
+                   "dataset": {"builder": "digits", "classes": [0, 1, 2]},
+                   "architecture": {"widths": [64, 4, 3]}, "recipe": {"epochs": 1, "runs": 2},
+                   "flow": {"d_model": 8, "num_layers": 1, "lr": 3e-3}}, overwrite=True)
+    zoo = tmp_path / "zoo.safetensors"
+    assert main(["zoo", "flow_defaults_cli_task", "--out", str(zoo), "--json"]) == 0
+    capsys.readouterr()
+    for flags, expect in [([], (8, 1, 3e-3)), (["--d-model", "12", "--lr", "1e-3"], (12, 1, 1e-3))]:
+        out = tmp_path / f"flow{len(flags)}"
+        assert main(["train", "--zoo", str(zoo), "--flow", "euclidean", "--steps", "2", "--batch-size", "4",
+                     *flags, "--out", str(out), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        flow = WeightFlow.from_pretrained(out)
+        assert (flow.config.d_model, flow.config.num_layers, summary["lr"]) == expect
+        assert (summary["d_model"], summary["layers"]) == expect[:2]
+    assert main(["compare", "--zoo", str(zoo), "--flows", "euclidean", "--steps", "2", "-n", "2",
+                 "--sample-steps", "2", "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    assert "Relational Transformer d=8, 1 layers, 2 steps (batch 32, AdamW lr 0.003)" in (
+        tmp_path / "cmp" / "README.md").read_text()

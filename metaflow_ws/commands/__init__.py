@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["add_common", "parse_widths", "progress_bar"]
+__all__ = ["add_common", "add_flow_size_options", "flow_size", "parse_widths", "progress_bar"]
 
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, device: bool = True, seed: bool = True) -> None:
@@ -15,6 +15,37 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, device: bo
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def add_flow_size_options(p: argparse.ArgumentParser, what: str = "the flow", *, quick: bool = False) -> None:
+    """``--d-model``, ``--layers`` and ``--lr``; unset, they take the task's ``[flow]`` table (:func:`flow_size`)."""
+    from metaflow_ws.flows import FlowConfig, TrainConfig
+    from metaflow_ws.flows.train import check_lr
+
+    def learning_rate(text: str) -> float:
+        try:
+            check_lr(lr := float(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return lr
+
+    p.add_argument("--d-model", type=int, default=None,
+                   help=f"width of {what}'s Relational Transformer (default: the task's [flow] d_model, else "
+                        f"{FlowConfig.d_model}{'; --quick: 16' if quick else ''})")
+    p.add_argument("--layers", type=int, default=None,
+                   help=f"its number of layers (default: the task's [flow] num_layers, else {FlowConfig.num_layers}"
+                        f"{'; --quick: 2' if quick else ''})")
+    p.add_argument("--lr", type=learning_rate, default=None,
+                   help=f"peak AdamW learning rate of {what} (default: the task's [flow] lr, else {TrainConfig.lr:g})")
+
+
+def flow_size(args: argparse.Namespace, task: str | None) -> dict[str, int | float]:
+    """``{"d_model", "num_layers", "lr"}`` from :func:`add_flow_size_options`' flags, the task's ``[flow]`` table
+    (:func:`metaflow_ws.flows.task_flow_defaults`) where a flag is not given."""
+    from metaflow_ws.flows import task_flow_defaults
+
+    given = {"d_model": args.d_model, "num_layers": args.layers, "lr": args.lr}
+    return task_flow_defaults(task) | {k: v for k, v in given.items() if v is not None}
 
 
 def parse_widths(text: str) -> tuple[int, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common, add_speed_options
+from metaflow_ws.commands import add_common, add_flow_size_options, add_speed_options, flow_size
 
 NAME = "compare"
 HELP = "train the three flows on a zoo, sample, and write a comparison table with the target networks"
@@ -12,17 +12,13 @@ ORDER = 70
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from metaflow_ws.flows.train import TrainConfig
-
     p.add_argument("--zoo", required=True, help="zoo file written by `metaflow-ws zoo`")
     p.add_argument("--out", required=True, help="folder for README.md, results.json and the trained flows")
     p.add_argument("--flows", nargs="+", default=["euclidean:ot-perm", "normalized:ot-perm", "geometric:ot-perm"],
                    help="flow variants: NAME[:COUPLING][:unaligned] with COUPLING one of ot, perm, ot-perm "
                         "(default: all three, aligned, OT + perm coupling)")
     p.add_argument("--steps", type=int, default=3000, help="training steps per flow")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak AdamW learning rate of every flow")
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--layers", type=int, default=3)
+    add_flow_size_options(p, "every flow")
     p.add_argument("-n", "--samples", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=64)
     p.add_argument("--solver", choices=["euler", "heun"], default="euler")
@@ -59,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     t0 = time.perf_counter()
-    train = TrainConfig(steps=args.steps, lr=args.lr, compile=args.compile, precision=args.precision)
-    rows = compare_flows(zoo, runs=runs, train=train, d_model=args.d_model,
-                         num_layers=args.layers, samples=args.samples,
+    size = flow_size(args, zoo.task)
+    train = TrainConfig(steps=args.steps, lr=size["lr"], compile=args.compile, precision=args.precision)
+    rows = compare_flows(zoo, runs=runs, train=train, d_model=size["d_model"],
+                         num_layers=size["num_layers"], samples=args.samples,
                          sampler=SampleConfig(steps=args.sample_steps, solver=args.solver), seed=args.seed,
                          out_dir=out / "flows", device=device, log=lambda s: print(s, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
@@ -71,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
             f"Written by `{command}` (seed {args.seed}, device {device}) in {seconds:.0f} s.\n\n"
             f"Zoo: `{args.zoo}`, made by `metaflow-ws zoo {zoo.task} --runs {zoo.num_runs} --seed "
             f"{zoo.seeds.get('seed', 0)} --out {args.zoo}` — {len(zoo)} checkpoints, {zoo.spec.describe()}. Each flow: "
-            f"Relational Transformer d={args.d_model}, {args.layers} layers, {args.steps} steps (batch 32, AdamW "
-            f"lr {args.lr}); {args.samples} samples with {args.solver}, {args.sample_steps} steps; metrics on the "
-            f"test split, mean ± std over networks.\n\n{table}\n")
+            f"Relational Transformer d={size['d_model']}, {size['num_layers']} layers, {args.steps} steps (batch 32, "
+            f"AdamW lr {size['lr']}); {args.samples} samples with {args.solver}, {args.sample_steps} steps; metrics on "
+            f"the test split, mean ± std over networks.\n\n{table}\n")
     atomic_write_text(out / "README.md", text)
     atomic_write_json(out / "results.json", {"command": command, "seconds": seconds, "rows": rows})
     if args.json:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common, add_speed_options
+from metaflow_ws.commands import add_common, add_flow_size_options, add_speed_options
 from metaflow_ws.flows.couplings import COUPLINGS
 from metaflow_ws.flows.flow import SIGMA
-from metaflow_ws.flows.train import TrainConfig
 
 NAME = "report"
 HELP = "train zoo and flows, sample, evaluate against baselines and write results/<task>/ (README + plots)"
@@ -40,13 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coupling", choices=COUPLINGS, default=None,
                    help="coupling of the headline flows (default ot-perm, as `metaflow-ws train`)")
     p.add_argument("--no-ablation", action="store_true", help="skip the alignment/coupling grid")
-    p.add_argument("--d-model", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None)
     p.add_argument("--path-noise", type=float, default=None, metavar="SIGMA",
                    help=f"path noise of every flow, as `train --path-noise` (default {SIGMA}; 0 = plain flow matching)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"peak AdamW learning rate of every flow, as `train --lr` (default {TrainConfig.lr:g}; "
-                        "5e-3 trains a d=64 × 5 field more robustly)")
+    add_flow_size_options(p, "every flow", quick=True)
     p.add_argument("-n", "--samples", type=int, default=None, help="samples per flow (default 100; --quick: 32)")
     p.add_argument("--sample-steps", type=int, default=None, help="integration steps (default 64; --quick: 16)")
     p.add_argument("--lik-networks", type=int, default=None, help="networks per population for the likelihood AUROC")

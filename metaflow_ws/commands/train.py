@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaflow_ws.commands import add_common, add_speed_options
+from metaflow_ws.commands import add_common, add_flow_size_options, add_speed_options, flow_size
 
 NAME = "train"
 HELP = "train a Euclidean, Normalized or Geometric flow on a zoo file"
@@ -27,9 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="align the zoo to one reference by permutations first (default: on)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--layers", type=int, default=3)
+    add_flow_size_options(p)
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--d-edge", type=int, default=None,
                    help="width of the edge features (default: --d-model; 32 at --d-model 64 is ≈ 1.4x faster)")
@@ -52,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from metaflow_ws.io import Zoo
 
     device = resolve_device(args.device)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, coupling=args.coupling,
+    zoo = Zoo.load(args.zoo)
+    size = flow_size(args, zoo.task)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=size["lr"], coupling=args.coupling,
                         align=args.align, seed=args.seed, checkpoint_every=args.checkpoint_every,
                         compile=args.compile, precision=args.precision)
-    zoo = Zoo.load(args.zoo)
     prior = args.prior_std if args.prior_std is not None else default_prior_std(zoo)
     config = FlowConfig(flow=args.flow, widths=zoo.spec.widths, activation=zoo.spec.activation, task=zoo.task,
-                        prior_std=prior, d_model=args.d_model, num_layers=args.layers, heads=args.heads,
+                        prior_std=prior, d_model=size["d_model"], num_layers=size["num_layers"], heads=args.heads,
                         d_edge=args.d_edge, sigma=args.path_noise)
     bar, update = progress_bar(train.steps, f"train {args.flow}")
 
@@ -74,12 +73,14 @@ def run(args: argparse.Namespace) -> int:
     summary = {"flow": args.flow, "out": str(args.out), "steps": train.steps, "resumed_from": res.resumed_from,
                "final_loss": res.final_loss,
                "steps_per_second": round(res.steps_per_second, 2), "seconds": round(res.seconds, 2),
-               "params": sum(p.numel() for p in res.flow.field.parameters()), "coupling": train.coupling,
+               "params": sum(p.numel() for p in res.flow.field.parameters()), "d_model": config.d_model,
+               "layers": config.num_layers, "lr": train.lr, "coupling": train.coupling,
                "aligned": train.align, "path_noise": config.sigma, "compiled": train.compile,
                "precision": train.precision}
     if args.json:
         print_json(summary)
     else:
-        print(f"wrote {args.out}: {args.flow} flow, {summary['params']} params, loss {summary['final_loss']:.4f}, "
+        print(f"wrote {args.out}: {args.flow} flow, d={config.d_model} × {config.num_layers} layers, "
+              f"{summary['params']} params, lr {train.lr:g}, loss {summary['final_loss']:.4f}, "
               f"{summary['steps_per_second']} steps/s, {summary['seconds']}s")
     return 0

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from metaflow_ws.experiments.flows_table import FlowRun
 from metaflow_ws.flows.flow import SIGMA, check_path_noise
-from metaflow_ws.flows.train import TrainConfig, check_lr
+from metaflow_ws.flows.train import TrainConfig, check_lr, task_flow_defaults
 from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.nets.spec import Params
@@ -64,11 +64,13 @@ class ReportConfig:
     coupling: str = "ot-perm"
     #: train the flows × {unaligned, aligned, aligned+OT, aligned+OT+perm} grid; None → only for breast_cancer
     ablation: bool | None = None
-    d_model: int = 32
-    num_layers: int = 3
+    #: field size and peak learning rate of every flow; None → the task's ``[flow]`` table, else the library's
+    #: defaults (:func:`metaflow_ws.flows.task_flow_defaults`), as ``metaflow-ws train``
+    d_model: int | None = None
+    num_layers: int | None = None
     #: path noise of every flow (``FlowConfig.sigma``, ``train --path-noise``); 0 = plain flow matching
     path_noise: float = SIGMA
-    lr: float = TrainConfig.lr
+    lr: float | None = None
     batch_size: int = 32
     #: train the flows with ``torch.compile`` (speed only: flows trained either way are reused)
     compile: bool = False
@@ -99,6 +101,9 @@ class ReportConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.zoo_path is not None:
             object.__setattr__(self, "zoo_path", Path(self.zoo_path))
+        for k, v in task_flow_defaults(self.task).items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
         for k in ("steps", "samples", "sample_steps", "bma_max", "sweep_samples", "lik_networks", "lik_steps",
                   "lik_probes", "barrier_pairs", "d_model", "num_layers", "batch_size", "bma_orderings"):
             if int(getattr(self, k)) < 1:

@@ -5,7 +5,14 @@ from metaflow_ws.flows.couplings import IndependentCoupling, OTCoupling, Permuta
 from metaflow_ws.flows.flow import PRECISIONS, FlowConfig, FlowFormatError, WeightFlow, default_prior_std
 from metaflow_ws.flows.likelihood import LikelihoodResult, log_likelihood
 from metaflow_ws.flows.sampling import SOLVERS, SampleConfig, guidance_gradient, sample
-from metaflow_ws.flows.train import TrainConfig, TrainResult, beta12, flow_matching_loss, train_flow
+from metaflow_ws.flows.train import (
+    TrainConfig,
+    TrainResult,
+    beta12,
+    flow_matching_loss,
+    task_flow_defaults,
+    train_flow,
+)
 
 __all__ = [
     "FLOWS",
@@ -29,5 +36,6 @@ __all__ = [
     "log_likelihood",
     "make_coupling",
     "sample",
+    "task_flow_defaults",
     "train_flow",
 ]

@@ -21,7 +21,7 @@ from metaflow_ws.io.atomic import atomic_write_bytes, atomic_write_json
 from metaflow_ws.io.zoo import Zoo
 
 __all__ = ["SupportSets", "TrainConfig", "TrainResult", "beta12", "check_lr", "flow_matching_loss", "query_loss",
-           "saved_flow_matches", "train_flow"]
+           "saved_flow_matches", "task_flow_defaults", "train_flow"]
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
@@ -81,6 +81,23 @@ class TrainConfig:
         object.__setattr__(self, "support_sizes", (lo, hi))
         if self.query_weight < 0:
             raise ValueError(f"query_weight must be ≥ 0; got {self.query_weight}")
+
+
+def task_flow_defaults(task: str | None) -> dict[str, int | float]:
+    """``{"d_model", "num_layers", "lr"}`` of a flow over ``task``'s zoos: what the task file's ``[flow]`` table sets,
+    the library's defaults (:class:`FlowConfig`, :class:`TrainConfig`) for the rest and for tasks that are not
+    registered in this process (a zoo file of a task registered elsewhere still trains)."""
+    from metaflow_ws.tasks import UnknownTaskError, get_task
+
+    out: dict[str, int | float] = {"d_model": FlowConfig.d_model, "num_layers": FlowConfig.num_layers,
+                                   "lr": TrainConfig.lr}
+    if task is None:
+        return out
+    try:
+        recipe = get_task(task).flow
+    except UnknownTaskError:
+        return out
+    return out | {k: v for k, v in dataclasses.asdict(recipe).items() if v is not None}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from metaflow_ws.tasks.datasets import DataUnavailableError, TaskData, register_builder
 from metaflow_ws.tasks.registry import (
+    FlowRecipe,
     Recipe,
     Synthetic,
     Task,
@@ -16,6 +17,7 @@ from metaflow_ws.tasks.registry import (
 
 __all__ = [
     "DataUnavailableError",
+    "FlowRecipe",
     "Recipe",
     "Synthetic",
     "Task",

@@ -3,8 +3,9 @@
 A *task family* is a TOML file in the top-level ``tasks/`` folder (shipped as ``metaflow_ws.builtin_tasks``), in
 any folder listed in ``METAFLOW_WS_TASKS`` (``os.pathsep``-separated), or registered from Python with
 :func:`register_task`. A file has the tables ``[dataset]`` (``builder`` plus its arguments), ``[architecture]``
-(``widths``, ``activation``) and ``[recipe]`` (the population-training recipe), and optionally ``[synthetic]``
-for weight families that are drawn rather than trained. Unknown keys are rejected.
+(``widths``, ``activation``) and ``[recipe]`` (the population-training recipe), and optionally ``[flow]`` (the
+default weight-space flow for the task's zoos: field size and learning rate) and ``[synthetic]`` for weight
+families that are drawn rather than trained. Unknown keys are rejected.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from metaflow_ws.nets.spec import NetworkSpec
 from metaflow_ws.tasks.datasets import BUILDERS, TaskData
 
 __all__ = [
+    "FlowRecipe",
     "Recipe",
     "Synthetic",
     "Task",
@@ -86,6 +88,30 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class FlowRecipe:
+    """The default weight-space flow for a task's zoos: what ``metaflow-ws train`` and ``report`` use where no flag
+    says otherwise. None keeps the library's default (:class:`~metaflow_ws.flows.FlowConfig`,
+    :class:`~metaflow_ws.flows.TrainConfig`); :func:`metaflow_ws.flows.task_flow_defaults` fills them in."""
+
+    #: width of the Relational Transformer (``train --d-model``)
+    d_model: int | None = None
+    #: its number of layers (``train --layers``)
+    num_layers: int | None = None
+    #: peak AdamW learning rate (``train --lr``)
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("d_model", "num_layers"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise TaskFileError(f"flow.{k} must be an integer ≥ 1; got {v!r}")
+        if self.lr is not None:
+            if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
+                raise TaskFileError(f"flow.lr must be a positive number; got {self.lr!r}")
+            object.__setattr__(self, "lr", float(self.lr))
+
+
+@dataclass(frozen=True)
 class Synthetic:
     """A weight family drawn from a Gaussian instead of trained (thesis §4.1): target N(mean, std²)."""
 
@@ -104,6 +130,7 @@ class Task:
     builder: str
     dataset_args: Mapping[str, Any] = field(default_factory=dict)
     recipe: Recipe = field(default_factory=Recipe)
+    flow: FlowRecipe = field(default_factory=FlowRecipe)
     synthetic: Synthetic | None = None
     description: str = ""
     source: str = "python"
@@ -159,6 +186,8 @@ class Task:
             "dataset": {"builder": self.builder, **self.dataset_args},
             "architecture": self.spec.to_dict(),
             "recipe": dataclasses.asdict(self.recipe),
+            **({"flow": fl} if (fl := {k: v for k, v in dataclasses.asdict(self.flow).items() if v is not None})
+               else {}),
             **({"synthetic": dataclasses.asdict(self.synthetic)} if self.synthetic else {}),
         }
 
@@ -198,7 +227,7 @@ def _only(table: Mapping, allowed: set[str], where: str) -> None:
 def task_from_dict(d: Mapping[str, Any], source: str = "python") -> Task:
     """Build a :class:`Task` from the TOML schema (as a dict); unknown keys raise :class:`TaskFileError`."""
     where = f"task {d.get('name', '?')!r} ({source})"
-    _only(d, {"name", "description", "kind", "dataset", "architecture", "recipe", "synthetic"}, where)
+    _only(d, {"name", "description", "kind", "dataset", "architecture", "recipe", "flow", "synthetic"}, where)
     for req in ("name", "kind", "dataset", "architecture"):
         if req not in d:
             raise TaskFileError(f"{where}: missing required key {req!r}")
@@ -211,6 +240,10 @@ def task_from_dict(d: Mapping[str, Any], source: str = "python") -> Task:
     recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
     rec = dict(d.get("recipe", {}))
     _only(rec, recipe_fields, f"{where} [recipe]")
+    if not isinstance(d.get("flow", {}), Mapping):
+        raise TaskFileError(f"{where}: [flow] must be a table (d_model, num_layers, lr); got {d['flow']!r}")
+    flow = dict(d.get("flow", {}))
+    _only(flow, {f.name for f in dataclasses.fields(FlowRecipe)}, f"{where} [flow]")
     syn = d.get("synthetic")
     if syn is not None:
         _only(syn, {f.name for f in dataclasses.fields(Synthetic)}, f"{where} [synthetic]")
@@ -225,6 +258,7 @@ def task_from_dict(d: Mapping[str, Any], source: str = "python") -> Task:
             builder=builder,
             dataset_args=ds,
             recipe=Recipe(**rec),
+            flow=FlowRecipe(**flow),
             synthetic=Synthetic(**syn) if syn is not None else None,
             description=str(d.get("description", "")),
             source=source,
