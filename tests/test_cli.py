@@ -19,6 +19,9 @@ def test_tasks_json(capsys):
     assert {"breast_cancer", "digits", "mnist1d", "sinusoid", "gaussian_toy"} <= names
     bc = next(t for t in res["tasks"] if t["name"] == "breast_cancer")
     assert bc["architecture"] == "MLP 30-16-16-2 (relu)" and bc["sizes"]["test"] == 114
+    digits = next(t for t in res["tasks"] if t["name"] == "digits")
+    assert bc["flow"] == {"d_model": 32, "num_layers": 3, "lr": 1e-2}  # library defaults: no [flow] table
+    assert digits["flow"] == {"d_model": 64, "num_layers": 5, "lr": 5e-3}  # the task file's [flow] table
 
 
 def test_zoo_then_evaluate_end_to_end(capsys, tmp_path):
