@@ -127,6 +127,10 @@ def test_resume_gives_the_same_result(tiny_bc_zoo, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_flow(tiny_bc_zoo, cfg, tc, tmp_path / "b", progress=interrupt)
+    for other_cfg, other_tc, named in [(dataclasses.replace(cfg, d_model=cfg.d_model * 2), tc, "d_model="),
+                                       (cfg, dataclasses.replace(tc, lr=tc.lr / 2), "lr=0.01 \\(now 0.005\\)")]:
+        with pytest.raises(ValueError, match=f"cannot resume from .*written with {named}.*pass the original"):
+            train_flow(tiny_bc_zoo, other_cfg, other_tc, tmp_path / "b", resume=True)  # another run: refused
     resumed = train_flow(tiny_bc_zoo, cfg, tc, tmp_path / "b", resume=True)
     assert resumed.resumed_from == 5
     assert resumed.losses == straight.losses

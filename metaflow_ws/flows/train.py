@@ -306,7 +306,7 @@ def train_flow(
     if resume:
         if out is None or not (out / CHECKPOINT).is_file():
             raise FileNotFoundError(f"nothing to resume: {out}/{CHECKPOINT} does not exist")
-        start, losses = _load_checkpoint(out, flow, ema, opt, gen)
+        start, losses = _load_checkpoint(out, flow, ema, opt, gen, train)
 
     n = x1_all.shape[0]
     t_loop = time.perf_counter()
@@ -410,11 +410,32 @@ def _save_checkpoint(out: Path, step: int, losses: list[float], flow: WeightFlow
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
     atomic_write_bytes(out / CHECKPOINT, save(tensors))
     atomic_write_json(out / CHECKPOINT_META, {"step": step, "param_groups": sd["param_groups"],
-                                              "train": dataclasses.asdict(train)})
+                                              "train": dataclasses.asdict(train), "config": flow.config.to_dict()})
+
+
+#: training settings a resumed run may change: the budget, the checkpoint cadence and how the field runs
+_RESUME_MAY_CHANGE = frozenset({"steps", "checkpoint_every", "compile", "precision"})
+
+
+def _check_resume(out: Path, meta: dict, flow: WeightFlow, train: TrainConfig) -> None:
+    """Raise a ``ValueError`` naming every setting in which this run differs from the one that wrote the checkpoint
+    (a resumed run must be the same run to continue to the same result)."""
+    recorded_flow = dict(meta.get("config", {}))  # absent in checkpoints written before it was recorded
+    want_flow = flow.config.to_dict()
+    diffs = [f"{k}={recorded_flow[k]!r} (now {want_flow.get(k)!r})" for k in sorted(recorded_flow)
+             if k != "aligned" and recorded_flow[k] != want_flow.get(k)]
+    want_train = json.loads(json.dumps(dataclasses.asdict(train)))
+    recorded_train = meta.get("train", {})
+    diffs += [f"{k}={recorded_train[k]!r} (now {v!r})" for k, v in want_train.items()
+              if k in recorded_train and k not in _RESUME_MAY_CHANGE and recorded_train[k] != v]
+    if diffs:
+        raise ValueError(f"cannot resume from {out}: its checkpoint was written with {', '.join(diffs)}; pass the "
+                         "original settings to continue it (defaults can change: `metaflow-ws tasks` shows a task's "
+                         "[flow] defaults), or train into a new folder")
 
 
 def _load_checkpoint(out: Path, flow: WeightFlow, ema: dict[str, Tensor], opt: torch.optim.Optimizer,
-                     gen: torch.Generator) -> tuple[int, list[float]]:
+                     gen: torch.Generator, train: TrainConfig) -> tuple[int, list[float]]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -423,6 +444,7 @@ def _load_checkpoint(out: Path, flow: WeightFlow, ema: dict[str, Tensor], opt: t
         meta = json.loads((out / CHECKPOINT_META).read_text())
     except (SafetensorError, json.JSONDecodeError, FileNotFoundError) as e:
         raise ValueError(f"cannot resume from {out}: checkpoint is corrupt or incomplete ({e})") from e
+    _check_resume(out, meta, flow, train)
     dev = next(flow.parameters()).device
     flow.load_state_dict({k[6:]: v.to(dev) for k, v in tensors.items() if k.startswith("model.")})
     for k, v in tensors.items():
