@@ -361,6 +361,24 @@ def train_flow(
     return result
 
 
+def _setting_differences(recorded_config: dict | None, recorded_train: dict, config: FlowConfig, train: TrainConfig,
+                         *, may_differ: frozenset[str]) -> list[str]:
+    """The settings in which a saved flow or checkpoint (its recorded ``config`` and ``train`` dicts) differs from
+    ``config`` and ``train``, as ``"key=recorded (now wanted)"``. ``aligned`` (set by training), the ``may_differ``
+    training settings and training settings the file does not record are not compared; nor is the flow's
+    configuration when ``recorded_config`` is None. Raises ``ValueError`` / ``KeyError`` / ``TypeError`` for a
+    recorded configuration that :meth:`FlowConfig.from_dict` rejects."""
+    diffs = []
+    if recorded_config is not None:
+        stored, want = FlowConfig.from_dict(recorded_config).to_dict(), config.to_dict()
+        diffs += [f"{k}={stored.get(k)!r} (now {want.get(k)!r})" for k in sorted(stored.keys() | want.keys())
+                  if k != "aligned" and stored.get(k) != want.get(k)]
+    want_train = json.loads(json.dumps(dataclasses.asdict(train)))
+    diffs += [f"{k}={recorded_train[k]!r} (now {v!r})" for k, v in want_train.items()
+              if k in recorded_train and k not in may_differ and recorded_train[k] != v]
+    return diffs
+
+
 def saved_flow_matches(folder: str | Path, config: FlowConfig, train: TrainConfig, zoo: Zoo) -> bool:
     """Whether ``folder`` holds a finished flow trained with ``config`` and ``train`` on a zoo like ``zoo`` (same
     task, number of checkpoints and split), so that loading it gives what :func:`train_flow` would train.
@@ -374,20 +392,14 @@ def saved_flow_matches(folder: str | Path, config: FlowConfig, train: TrainConfi
         return False
     try:
         meta = json.loads(cfg_path.read_text())
-        stored = FlowConfig.from_dict(meta["config"]).to_dict()
+        recorded = meta.get("train", {})
+        diffs = _setting_differences(meta["config"], recorded, config, train, may_differ=frozenset({"compile"}))
     except (ValueError, KeyError, TypeError):
         return False
-    want = config.to_dict()
-    stored.pop("aligned", None)
-    want.pop("aligned", None)
-    if (stored != want or meta.get("zoo_task") != zoo.task or meta.get("zoo_checkpoints") != len(zoo)
+    if (diffs or meta.get("zoo_task") != zoo.task or meta.get("zoo_checkpoints") != len(zoo)
             or meta.get("zoo_data_seed", 0) != zoo.data_seed):
         return False
-    recorded = meta.get("train", {})
-    want_train = json.loads(json.dumps(dataclasses.asdict(train)))
-    if any(key not in recorded for key in ("steps", "batch_size", "lr", "coupling", "align", "seed")):
-        return False
-    return all(recorded[k] == v for k, v in want_train.items() if k in recorded and k != "compile")
+    return all(key in recorded for key in ("steps", "batch_size", "lr", "coupling", "align", "seed"))
 
 
 def _tail_mean(losses: list[float], k: int = 100) -> float | None:
@@ -420,14 +432,11 @@ _RESUME_MAY_CHANGE = frozenset({"steps", "checkpoint_every", "compile", "precisi
 def _check_resume(out: Path, meta: dict, flow: WeightFlow, train: TrainConfig) -> None:
     """Raise a ``ValueError`` naming every setting in which this run differs from the one that wrote the checkpoint
     (a resumed run must be the same run to continue to the same result)."""
-    recorded_flow = dict(meta.get("config", {}))  # absent in checkpoints written before it was recorded
-    want_flow = flow.config.to_dict()
-    diffs = [f"{k}={recorded_flow[k]!r} (now {want_flow.get(k)!r})" for k in sorted(recorded_flow)
-             if k != "aligned" and recorded_flow[k] != want_flow.get(k)]
-    want_train = json.loads(json.dumps(dataclasses.asdict(train)))
-    recorded_train = meta.get("train", {})
-    diffs += [f"{k}={recorded_train[k]!r} (now {v!r})" for k, v in want_train.items()
-              if k in recorded_train and k not in _RESUME_MAY_CHANGE and recorded_train[k] != v]
+    try:  # "config" is absent in checkpoints written before it was recorded
+        diffs = _setting_differences(meta.get("config"), meta.get("train", {}), flow.config, train,
+                                     may_differ=_RESUME_MAY_CHANGE)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"cannot resume from {out}: checkpoint metadata is corrupt ({e!r})") from e
     if diffs:
         raise ValueError(f"cannot resume from {out}: its checkpoint was written with {', '.join(diffs)}; pass the "
                          "original settings to continue it (defaults can change: `metaflow-ws tasks` shows a task's "
