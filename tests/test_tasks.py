@@ -188,3 +188,31 @@ def test_train_and_compare_take_the_task_flow_table_unless_flags_say_otherwise(t
                  "--sample-steps", "2", "--out", str(tmp_path / "cmp"), "--json"]) == 0
     assert "Relational Transformer d=8, 1 layers, 2 steps (batch 32, AdamW lr 0.003)" in (
         tmp_path / "cmp" / "README.md").read_text()
+
+
+def test_compare_flows_takes_the_task_flow_table_unless_arguments_say_otherwise(monkeypatch):
+    from metaflow_ws.experiments import flows_table
+    from metaflow_ws.flows import TrainConfig
+    from metaflow_ws.train import train_population
+
+    register_task({"name": "flow_defaults_api_task", "kind": "classification",
+                   "dataset": {"builder": "digits", "classes": [0, 1, 2]},
+                   "architecture": {"widths": [64, 4, 3]}, "recipe": {"epochs": 1, "runs": 2},
+                   "flow": {"d_model": 8, "num_layers": 1, "lr": 3e-3}}, overwrite=True)
+    zoo = train_population("flow_defaults_api_task", seed=0)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train_flow(zoo, cfg, tc, folder, device=None):  # noqa: ANN001, ARG001
+        seen.append((cfg.d_model, cfg.num_layers, tc.lr, tc.steps))
+        raise Stop
+
+    monkeypatch.setattr(flows_table, "train_flow", fake_train_flow)
+    runs = [flows_table.FlowRun("euclidean")]
+    for kwargs, expect in [({}, (8, 1, 3e-3, TrainConfig.steps)),
+                           ({"d_model": 12, "train": TrainConfig(steps=5, lr=1e-3)}, (12, 1, 1e-3, 5))]:
+        with pytest.raises(Stop):
+            flows_table.compare_flows(zoo, runs=runs, **kwargs)
+        assert seen[-1] == expect

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from metaflow_ws.evaluation.metrics import evaluate_zoo
-from metaflow_ws.flows import FLOWS, FlowConfig, SampleConfig, TrainConfig, default_prior_std, sample, train_flow
+from metaflow_ws.flows import (FLOWS, FlowConfig, SampleConfig, TrainConfig, default_prior_std, sample,
+                               task_flow_defaults, train_flow)
 from metaflow_ws.io.zoo import Zoo
 from metaflow_ws.tasks.registry import Task, get_task
 
@@ -40,9 +41,9 @@ def compare_flows(
     task: Task | str | None = None,
     runs: Sequence[FlowRun] = tuple(FlowRun(f, coupling="ot-perm") for f in FLOWS),
     *,
-    train: TrainConfig = TrainConfig(),  # noqa: B008 - frozen
-    d_model: int = 32,
-    num_layers: int = 3,
+    train: TrainConfig | None = None,
+    d_model: int | None = None,
+    num_layers: int | None = None,
     samples: int = 100,
     sampler: SampleConfig = SampleConfig(),  # noqa: B008 - frozen
     seed: int = 0,
@@ -51,8 +52,17 @@ def compare_flows(
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every flow variant in ``runs`` on ``zoo``, draw ``samples`` networks from each and evaluate them on
-    the task's test split next to the zoo's own final checkpoints. Returns one dict per row."""
+    the task's test split next to the zoo's own final checkpoints. Returns one dict per row.
+
+    ``d_model``, ``num_layers`` and (when ``train`` is not given) the learning rate default to the task's flow
+    (:func:`~metaflow_ws.flows.task_flow_defaults`: its task file's ``[flow]`` table, else the library defaults),
+    as ``metaflow-ws compare`` does; a given ``train`` config is used as it is.
+    """
     task = get_task(task or zoo.task)
+    defaults = task_flow_defaults(task.name)
+    d_model = defaults["d_model"] if d_model is None else d_model
+    num_layers = defaults["num_layers"] if num_layers is None else num_layers
+    train = TrainConfig(lr=defaults["lr"]) if train is None else train
     log = log or (lambda s: None)
     rows: list[dict[str, Any]] = []
     target = evaluate_zoo(task, zoo.final(), device=device)
