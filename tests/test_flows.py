@@ -176,6 +176,34 @@ def test_solvers_on_a_known_ode(solver, order):
         assert errs[1] < 0.01
 
 
+def test_time_grid_closed_form_and_errors():
+    from metaflow_ws.flows import time_grid
+
+    assert torch.equal(time_grid(8), torch.linspace(0, 1, 9, dtype=torch.float64))  # rho = 1: exactly uniform
+    ts = time_grid(4, 2.0)
+    assert torch.allclose(ts, torch.tensor([0.0, 1 - 0.75**2, 1 - 0.5**2, 1 - 0.25**2, 1.0], dtype=torch.float64))
+    for rho in (0.5, 1.0, 3.0):
+        g = time_grid(16, rho)
+        assert g[0] == 0 and g[-1] == 1 and (g.diff() > 0).all()
+    assert (time_grid(16, 3.0).diff().diff() < 0).all()  # steps shrink toward t = 1
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rho"):
+            time_grid(4, bad)
+        with pytest.raises(ValueError, match="rho"):
+            SampleConfig(rho=bad)
+
+
+@pytest.mark.parametrize("rho", [1.0, 2.0, 3.0])
+def test_euler_follows_the_time_grid(rho):
+    """Euler on v = 3t² from 0 is the left Riemann sum of 3t² over the grid: Σ 3 t_i² (t_{i+1} − t_i)."""
+    from metaflow_ws.flows import time_grid
+
+    ts = time_grid(8, rho)
+    expect = float((3 * ts[:-1] ** 2 * ts.diff()).sum())
+    x = sample(_ConstantAccelerationFlow(), 2, SampleConfig(steps=8, rho=rho))
+    assert torch.allclose(x, torch.full_like(x, expect), atol=1e-12)
+
+
 def _mean_task_loss(flow, x, xb, yb):
     from metaflow_ws.train.losses import prediction_loss
 
@@ -233,8 +261,8 @@ def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["steps"] == 6 and res["flow"] == "geometric"
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "5", "--steps", "4", "--solver", "heun",
-                 "--out", str(tmp_path / "s.safetensors"), "--json"]) == 0
-    capsys.readouterr()
+                 "--rho", "3", "--out", str(tmp_path / "s.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rho"] == 3
     assert main(["evaluate", "--task", "breast_cancer", "--weights", str(tmp_path / "s.safetensors"), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["n"] == 5 and 0 <= ev["accuracy_mean"] <= 1
@@ -247,6 +275,10 @@ def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
     assert info["sampler"]["guidance"] == 0.5 and info["sampler"]["guidance_normalize"] is True
     assert info["sampler"]["guidance_at"] == "x1"
     assert info["precision"] == "bf16" and info["compiled"] is False
+    assert info["sampler"]["rho"] == 1.0
+    assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--rho", "0",
+                 "--out", str(tmp_path / "r.safetensors")]) == 2
+    assert "rho" in capsys.readouterr().err and not (tmp_path / "r.safetensors").exists()
     # a flow used on a task of another architecture is a clear error
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--guidance", "0.1", "--task", "digits",
                  "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -15,12 +15,12 @@ from metaflow_ws.experiments.report import _argmax_finite as rep_argmax
 from metaflow_ws.flows.train import TrainConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
-FIGURES = ("bma", "accuracy_histogram", "steps", "guidance", "noise", "barrier", "likelihood")
+FIGURES = ("bma", "accuracy_histogram", "steps", "guidance", "noise", "time_grid", "barrier", "likelihood")
 
 
 def _tiny(out, **kw) -> ReportConfig:
     base = dict(task="breast_cancer", out_dir=out, quick=True, runs=3, epochs=2, steps=2, d_model=4, num_layers=1,
-                samples=4, sample_steps=2, step_sweep=(1, 2), guidance_sweep=(0.0, 0.1), noise_sweep=(0.0, 0.1),
+                samples=4, sample_steps=2, step_sweep=(1, 2), guidance_sweep=(0.0, 0.1), noise_sweep=(0.0, 0.1), rho_sweep=(1.0, 3.0),
                 sweep_samples=3, guidance_points=16, lik_networks=2, lik_steps=1, lik_probes=1, barrier_pairs=2,
                 bma_max=4, bma_orderings=1, average_k=(2,))
     base.update(kw)
@@ -68,7 +68,7 @@ def test_report_writes_readme_results_and_figures(tiny_report):
         assert f"{b['flow_diversity']:.4f} / {b['flow_disagreement']:.3f} / " in text
     # every guidance / stochastic-noise sweep point has the noise baseline's diversity at its accuracy (NaN where
     # the trained networks themselves are less accurate)
-    for key in ("guidance", "noise"):
+    for key in ("guidance", "noise", "rho"):
         blk = saved["sweeps"][key]
         nb = blk["noise_baseline"]["diversity"]
         acc = next(iter(blk["series"].values()))["accuracy"]
@@ -79,7 +79,11 @@ def test_report_writes_readme_results_and_figures(tiny_report):
                 assert d is None  # NaN in results.json: above what noise on the trained networks reaches
             elif a <= zoo_acc:
                 assert d >= 0
-    assert text.count("| noise baseline at the same accuracy: div |") == 2
+    assert text.count("| noise baseline at the same accuracy: div |") == 3
+    assert saved["sweeps"]["rho"]["values"] == [1.0, 3.0] and "| ρ | 1 | 3 |" in text
+    from metaflow_ws.flows import SampleConfig
+
+    assert f"euler with 2 steps on the time grid ρ = {SampleConfig.rho:g}" in text
     for f in saved["likelihood"]["flows"].values():
         for pop, d in f["nats_per_dim"].items():
             if pop != "positive" and pop != "zoo (training) networks":
@@ -203,6 +207,11 @@ def test_cli_report_builds_the_config(monkeypatch, tmp_path, capsys):
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--lr", "2e-3", "--d-model", "48"]) == 0
     assert (seen["cfg"].d_model, seen["cfg"].num_layers, seen["cfg"].lr) == (48, 5, 2e-3)  # flags win
     assert (cfg.d_model, cfg.num_layers, cfg.lr) == (16, 2, 5e-3)  # --quick: tiny field, the task's lr
+    from metaflow_ws.flows import SampleConfig
+
+    assert full.rho == SampleConfig.rho  # unset: the sampler's default time grid
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--rho", "2.5"]) == 0
+    assert seen["cfg"].rho == 2.5
 
 
 def test_report_errors(tmp_path, monkeypatch, capsys):
@@ -221,6 +230,8 @@ def test_report_errors(tmp_path, monkeypatch, capsys):
             ReportConfig(task="digits", out_dir=tmp_path, path_noise=bad)
     assert main(["report", "--task", "digits", "--out", str(tmp_path), "--path-noise", "-1"]) == 2
     assert "path_noise must be a finite number" in capsys.readouterr().err
+    assert main(["report", "--task", "digits", "--out", str(tmp_path), "--rho", "0"]) == 2
+    assert "rho (time-grid exponent) must be a finite number > 0" in capsys.readouterr().err
     for bad in ("0", "-1e-3", "nan", "inf"):
         with pytest.raises(SystemExit) as e:  # a usage error of the flag, before anything runs
             main(["report", "--task", "digits", "--out", str(tmp_path), f"--lr={bad}"])

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--samples", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=64)
     p.add_argument("--solver", choices=["euler", "heun"], default="euler")
+    p.add_argument("--rho", type=float, default=None,
+                   help="time grid of the samples, as `sample --rho` (default: the sampler's)")
     add_speed_options(p, "train the flows")
     add_common(p)
 
@@ -57,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     size = flow_size(args, zoo.task)
     train = TrainConfig(steps=args.steps, lr=size["lr"], compile=args.compile, precision=args.precision)
+    sampler = SampleConfig(steps=args.sample_steps, solver=args.solver,
+                           rho=SampleConfig.rho if args.rho is None else args.rho)
     rows = compare_flows(zoo, runs=runs, train=train, d_model=size["d_model"],
                          num_layers=size["num_layers"], samples=args.samples,
-                         sampler=SampleConfig(steps=args.sample_steps, solver=args.solver), seed=args.seed,
+                         sampler=sampler, seed=args.seed,
                          out_dir=out / "flows", device=device, log=lambda s: print(s, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
     command = "metaflow-ws " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", ["compare"]))
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             f"Zoo: `{args.zoo}`, made by `metaflow-ws zoo {zoo.task} --runs {zoo.num_runs} --seed "
             f"{zoo.seeds.get('seed', 0)} --out {args.zoo}` — {len(zoo)} checkpoints, {zoo.spec.describe()}. Each flow: "
             f"Relational Transformer d={size['d_model']}, {size['num_layers']} layers, {args.steps} steps (batch 32, "
-            f"AdamW lr {size['lr']}); {args.samples} samples with {args.solver}, {args.sample_steps} steps; metrics on "
+            f"AdamW lr {size['lr']}); {args.samples} samples with {args.solver}, {args.sample_steps} steps, time grid ρ = {sampler.rho:g}; "
+            f"metrics on "
             f"the test split, mean ± std over networks.\n\n{table}\n")
     atomic_write_text(out / "README.md", text)
     atomic_write_json(out / "results.json", {"command": command, "seconds": seconds, "rows": rows})

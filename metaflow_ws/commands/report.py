@@ -15,7 +15,7 @@ DESCRIPTION = (
     "flows (aligned, --coupling as in `train`, default ot-perm; for breast_cancer also the thesis's unaligned / "
     "aligned / aligned+OT grid plus aligned+OT+perm), sample, and "
     "compare with the trained networks, a deep ensemble, noise baselines and aligned averages (accuracy, NLL, ECE, "
-    "Brier, diversity, novelty, BMA), sweep steps / guidance / stochastic noise, measure loss barriers and the "
+    "Brier, diversity, novelty, BMA), sweep steps / guidance / stochastic noise / time grid, measure loss barriers and the "
     "likelihood AUROC. Writes OUT/README.md, OUT/results.json and OUT/figures/*.png; flows stay in OUT/flows/ "
     "(--reuse loads them). gaussian_toy runs the thesis's §4.1 reproduction."
 )
@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flow_size_options(p, "every flow", quick=True)
     p.add_argument("-n", "--samples", type=int, default=None, help="samples per flow (default 100; --quick: 32)")
     p.add_argument("--sample-steps", type=int, default=None, help="integration steps (default 64; --quick: 16)")
+    p.add_argument("--rho", type=float, default=None,
+                   help="time grid of the samples, as `sample --rho` (default: the sampler's); the report also "
+                        "sweeps it")
     p.add_argument("--lik-networks", type=int, default=None, help="networks per population for the likelihood AUROC")
     p.add_argument("--lik-estimator", choices=["exact", "hutchinson"], default=None)
     add_speed_options(p, "train the flows")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "zoo_path": args.zoo, "runs": args.runs, "epochs": args.epochs, "steps": args.steps,
         "ablation_steps": args.ablation_steps, "d_model": args.d_model, "num_layers": args.layers,
         "path_noise": args.path_noise, "lr": args.lr, "samples": args.samples, "sample_steps": args.sample_steps,
-        "lik_networks": args.lik_networks, "lik_estimator": args.lik_estimator, "coupling": args.coupling,
+        "lik_networks": args.lik_networks, "lik_estimator": args.lik_estimator, "coupling": args.coupling, "rho": args.rho,
     }.items() if v is not None}
     overrides |= {"seed": args.seed, "reuse": args.reuse, "device": args.device}
     overrides |= {"compile": args.compile, "precision": args.precision}

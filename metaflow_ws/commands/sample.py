@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num", type=int, default=100, help="number of networks")
     p.add_argument("--steps", type=int, default=64, help="integration steps")
     p.add_argument("--solver", choices=list(SOLVERS), default=SampleConfig().solver)
+    p.add_argument("--rho", type=float, default=SampleConfig().rho,
+                   help="time grid t_i = 1 - (1 - i/steps)^rho: 1 = uniform, larger = smaller steps near t = 1, the "
+                        f"data end (default {SampleConfig().rho:g})")
     p.add_argument("--noise", type=float, default=0.0, help="stochastic sampling strength ε")
     p.add_argument("--noise-window", type=float, nargs=2, default=(0.0, 1.0), metavar=("T0", "T1"),
                    help="add noise only for t in [T0, T1)")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.widths is not None:
         flow = flow.for_spec(target)
     data_seed = int(flow.meta.get("zoo_data_seed", 0))  # the split of the zoo the flow learned from
-    cfg = SampleConfig(steps=args.steps, solver=args.solver, noise=args.noise, noise_window=tuple(args.noise_window),
+    cfg = SampleConfig(steps=args.steps, solver=args.solver, rho=args.rho, noise=args.noise, noise_window=tuple(args.noise_window),
                        guidance=args.guidance, guidance_normalize=args.guidance_normalize,
                        guidance_at=args.guidance_at)
     gdata = None
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     zoo = Zoo.from_params(name, target, {k: v.cpu() for k, v in params.items()},
                           seeds={"seed": args.seed, "data_seed": data_seed},
                           info={"source": "flow", "flow": str(args.flow), "flow_kind": flow.config.flow,
-                                "sampler": {"steps": cfg.steps, "solver": cfg.solver, "noise": cfg.noise,
+                                "sampler": {"steps": cfg.steps, "solver": cfg.solver, "rho": cfg.rho,
+                                            "noise": cfg.noise,
                                             "noise_window": list(cfg.noise_window), "guidance": cfg.guidance,
                                             "guidance_normalize": cfg.guidance_normalize,
                                             "guidance_at": cfg.guidance_at},
@@ -105,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
                                 "precision": args.precision})
     zoo.save(args.out)
     res = {"out": str(args.out), "n": args.num, "flow": flow.config.flow, "steps": cfg.steps, "solver": cfg.solver,
-           "seconds": round(seconds, 3), "compiled": args.compile, "precision": args.precision}
+           "rho": cfg.rho, "seconds": round(seconds, 3), "compiled": args.compile, "precision": args.precision}
     if args.json:
         print_json(res)
     else:
-        print(f"wrote {args.out}: {args.num} {flow.config.flow}-flow samples ({cfg.solver}, {cfg.steps} steps) "
+        print(f"wrote {args.out}: {args.num} {flow.config.flow}-flow samples ({cfg.solver}, {cfg.steps} steps, rho {cfg.rho:g}) "
               f"in {seconds:.2f}s")
     return 0

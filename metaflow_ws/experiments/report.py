@@ -79,11 +79,14 @@ class ReportConfig:
     samples: int = 100
     sample_steps: int = 64
     solver: str = "euler"
+    #: time grid of every draw but the time-grid sweep (``SampleConfig.rho``; None → the sampler's default)
+    rho: float | None = None
     bma_max: int = 32
     bma_orderings: int = 10
     step_sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     guidance_sweep: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     noise_sweep: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5)
+    rho_sweep: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
     sweep_samples: int = 50
     guidance_points: int = 512
     lik_networks: int = 32
@@ -104,6 +107,9 @@ class ReportConfig:
         for k, v in task_flow_defaults(self.task).items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
+        from metaflow_ws.flows import SampleConfig
+
+        object.__setattr__(self, "rho", SampleConfig(rho=SampleConfig.rho if self.rho is None else self.rho).rho)
         for k in ("steps", "samples", "sample_steps", "bma_max", "sweep_samples", "lik_networks", "lik_steps",
                   "lik_probes", "barrier_pairs", "d_model", "num_layers", "batch_size", "bma_orderings"):
             if int(getattr(self, k)) < 1:
@@ -128,7 +134,8 @@ class ReportConfig:
         """The ``--quick`` budget: a small zoo, tiny flows trained for a few hundred steps, few samples."""
         base: dict[str, Any] = dict(
             quick=True, runs=10, steps=300, d_model=16, num_layers=2, samples=32, sample_steps=16,
-            step_sweep=(1, 4, 16, 32), guidance_sweep=(0.0, 0.1, 1.0), noise_sweep=(0.0, 0.2), sweep_samples=16,
+            step_sweep=(1, 4, 16, 32), guidance_sweep=(0.0, 0.1, 1.0), noise_sweep=(0.0, 0.2), rho_sweep=(1.0, 3.0),
+            sweep_samples=16,
             guidance_points=256, lik_networks=12, lik_steps=8, lik_probes=1, barrier_pairs=20, bma_orderings=4,
             average_k=(2,),
         )
@@ -415,12 +422,13 @@ class _Report:
 
     # ---------------------------------------------------------------------------------------- sampling
     def _draw(self, name: str, n: int, *, steps: int | None = None, noise: float = 0.0, guidance: float = 0.0,
-              offset: int = 100) -> Params:
+              rho: float | None = None, offset: int = 100) -> Params:
         from metaflow_ws.flows import SampleConfig, sample
 
         cfg = self.cfg
         flow = self.flows[name]
-        sc = SampleConfig(steps=steps or cfg.sample_steps, solver=cfg.solver, noise=noise, guidance=guidance)
+        sc = SampleConfig(steps=steps or cfg.sample_steps, solver=cfg.solver, rho=cfg.rho if rho is None else rho,
+                          noise=noise, guidance=guidance)
         gd = None
         if guidance > 0:
             k = min(cfg.guidance_points, self.x_tr.shape[0])
@@ -603,12 +611,13 @@ class _Report:
         label = self.flow_info[best]["label"]
         g_vals = [self._quality(self._draw(best, n, guidance=lam, offset=300)) for lam in cfg.guidance_sweep]
         n_vals = [self._quality(self._draw(best, n, noise=eps, offset=400)) for eps in cfg.noise_sweep]
+        r_vals = [self._quality(self._draw(best, n, rho=rho, offset=600)) for rho in cfg.rho_sweep]
         zoo_row = self.rows[0]
         ref = {"accuracy": zoo_row["accuracy_mean"], "nll": zoo_row["nll_mean"], "diversity": zoo_row["diversity"]}
         # every sampler setting against the noise baseline at its own accuracy (the diversity goal's comparison)
         noise_label = "noise baseline at the same accuracy"
-        g_noise, n_noise = ({"diversity": [self._noise_diversity_at(v["accuracy"], n) for v in vals]}
-                            for vals in (g_vals, n_vals))
+        g_noise, n_noise, r_noise = ({"diversity": [self._noise_diversity_at(v["accuracy"], n) for v in vals]}
+                                     for vals in (g_vals, n_vals, r_vals))
         self.results["sweeps"] = {
             "samples": n, "flow": best,
             "steps": {"values": list(cfg.step_sweep), "series": steps_series},
@@ -617,6 +626,8 @@ class _Report:
                          "guidance_points": min(cfg.guidance_points, int(self.x_tr.shape[0]))},
             "noise": {"values": list(cfg.noise_sweep), "series": {label: _columns(n_vals)},
                       "noise_baseline": n_noise},
+            "rho": {"values": list(cfg.rho_sweep), "series": {label: _columns(r_vals)}, "noise_baseline": r_noise,
+                    "steps": cfg.sample_steps},
         }
         self._figure("steps", lambda: rp.sweep_plot(list(cfg.step_sweep), steps_series, xlabel="integration steps",
                                             metrics=("accuracy", "nll"), logx=True, reference=ref,
@@ -636,6 +647,14 @@ class _Report:
                                             title=f"{self.task.name}: stochastic sampling ({label})"),
                      "Stochastic sampling (ε·sqrt(dt) tangent noise at every step but the last): accuracy, NLL "
                      "and diversity vs ε; the noise baseline's diversity at each point's accuracy beside it.")
+        self._figure("time_grid", lambda: rp.sweep_plot(list(cfg.rho_sweep),
+                                                {label: _columns(r_vals), noise_label: r_noise},
+                                                xlabel="time-grid exponent ρ (t_i = 1 − (1 − i/K)^ρ)",
+                                                metrics=("accuracy", "nll", "diversity"), logx=False, reference=ref,
+                                                title=f"{self.task.name}: time grid, {cfg.sample_steps} steps ({label})"),
+                     f"The sampler's time grid t_i = 1 − (1 − i/K)^ρ at K = {cfg.sample_steps} {cfg.solver} steps "
+                     "(ρ = 1 uniform; larger ρ, smaller steps near the data end t = 1): accuracy, NLL and diversity "
+                     "vs ρ; the noise baseline's diversity at each point's accuracy beside it.")
 
     def _noise_diversity_at(self, accuracy: float, n: int) -> float:
         """Test diversity of ``n`` final checkpoints + Gaussian noise tuned to a mean test ``accuracy``; NaN when
@@ -770,7 +789,7 @@ class _Report:
             f"Transformer d={cfg.d_model} × {cfg.num_layers} layers, batch {cfg.batch_size}, AdamW lr {cfg.lr}, "
             f"prior N(0, σ²I) with the zoo's init σ{_path_noise(self.flow_info)}; {cfg.samples} samples per flow, "
             f"{cfg.solver} with "
-            f"{cfg.sample_steps} steps. Metrics on the test split, mean ± std over networks. Best flow (by "
+            f"{cfg.sample_steps} steps on the time grid ρ = {cfg.rho:g} (t_i = 1 − (1 − i/K)^ρ). Metrics on the test split, mean ± std over networks. Best flow (by "
             f"validation accuracy): **{self.flow_info[self.best]['label']}**; by validation accuracy of the model average "
             f"of {self.cfg.bma_max} samples: **{self.flow_info[self.best_bma]['label']}**.",
             "",
@@ -828,7 +847,7 @@ class _Report:
                                  f"{row['nll_mean']:.4f} ± {row['nll_std']:.4f}")
                 lines.append(f"| {f.capitalize()} | " + " | ".join(cells) + " |")
         sw = r["sweeps"]
-        lines += ["", f"## Sampling: steps, guidance, stochastic noise ({sw['samples']} samples per point)", "",
+        lines += ["", f"## Sampling: steps, guidance, stochastic noise, time grid ({sw['samples']} samples per point)", "",
                   "Mean test accuracy / NLL vs integration steps:", "",
                   "| flow | " + " | ".join(str(k) for k in sw["steps"]["values"]) + " |",
                   "|---|" + "---|" * len(sw["steps"]["values"])]
@@ -837,11 +856,15 @@ class _Report:
                          + " |")
         for key, what in (("guidance", "guidance strength λ (training-loss gradient, "
                                        f"{sw['guidance']['guidance_points']} training points)"),
-                          ("noise", "stochastic noise ε")):
+                          ("noise", "stochastic noise ε"),
+                          ("rho", f"the time-grid exponent ρ ({sw['rho']['steps'] if 'rho' in sw else ''} steps, "
+                                  "t_i = 1 − (1 − i/K)^ρ)")):
+            if key not in sw:  # results written before the time-grid sweep existed
+                continue
             blk = sw[key]
             lbl, s = next(iter(blk["series"].items()))
             lines += ["", f"{lbl}, accuracy / NLL / diversity vs {what}:", "",
-                      "| " + key + " | " + " | ".join(f"{v:g}" for v in blk["values"]) + " |",
+                      "| " + {"rho": "ρ"}.get(key, key) + " | " + " | ".join(f"{v:g}" for v in blk["values"]) + " |",
                       "|---|" + "---|" * len(blk["values"]),
                       "| acc / NLL / div | " + " | ".join(f"{a:.3f} / {b:.3f} / {c:.3f}" for a, b, c in
                                                         zip(s["accuracy"], s["nll"], s["diversity"])) + " |"]

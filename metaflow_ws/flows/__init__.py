@@ -4,7 +4,7 @@ from metaflow_ws.flows.coordinates import FLOWS, WeightCoordinates
 from metaflow_ws.flows.couplings import IndependentCoupling, OTCoupling, PermutationCoupling, make_coupling
 from metaflow_ws.flows.flow import PRECISIONS, FlowConfig, FlowFormatError, WeightFlow, default_prior_std
 from metaflow_ws.flows.likelihood import LikelihoodResult, log_likelihood
-from metaflow_ws.flows.sampling import SOLVERS, SampleConfig, guidance_gradient, sample
+from metaflow_ws.flows.sampling import SOLVERS, SampleConfig, guidance_gradient, sample, time_grid
 from metaflow_ws.flows.train import (
     TrainConfig,
     TrainResult,
@@ -37,5 +37,6 @@ __all__ = [
     "make_coupling",
     "sample",
     "task_flow_defaults",
+    "time_grid",
     "train_flow",
 ]

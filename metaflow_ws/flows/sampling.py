@@ -1,7 +1,10 @@
 """Samplers for weight flows: Euler and Heun (2nd order) on the path's geometry, stochastic sampling and
 task-loss guidance.
 
-A step moves x by ``dt · (v(x, t) − λ·grad)`` through the geometry's exponential map (a plain addition for the
+The time grid is ``t_i = 1 − (1 − i/K)^ρ`` (:func:`time_grid`): ρ = 1 is the uniform grid of the thesis, ρ > 1 takes
+smaller steps near the data end t = 1, where the x1-predicting field re-estimates the network the sample lands
+on (the Euler step ``x ← x + dt/(1 − t)·(x̂1 − x)`` is exact for a fixed x̂1, so the grid sets how often x̂1 is
+re-read, and the last steps, close to the data, are where it changes most with x). A step moves x by ``dt · (v(x, t) − λ·grad)`` through the geometry's exponential map (a plain addition for the
 Euclidean and normalized flows, a geodesic step on the spheres for the geometric flow). ``noise`` adds
 ``ε·sqrt(dt)`` Gaussian noise (projected to the tangent space) at every step whose t lies in ``noise_window``.
 Guidance subtracts ``λ ∇L_task`` (per-network losses vmapped over the decoded batch, one backward pass for all
@@ -15,6 +18,7 @@ says little about the network the sample becomes; x̂1 is a network of the flow'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +29,7 @@ from torch.func import vmap
 from metaflow_ws.flows.flow import WeightFlow
 from metaflow_ws.nets.spec import NetworkSpec
 
-__all__ = ["GUIDANCE_POINTS", "SOLVERS", "SampleConfig", "guidance_gradient", "sample"]
+__all__ = ["GUIDANCE_POINTS", "SOLVERS", "SampleConfig", "guidance_gradient", "sample", "time_grid"]
 
 SOLVERS = ("euler", "heun")
 #: where guidance takes the task-loss gradient: the current point x_t, or the flow's prediction x̂1(x_t, t)
@@ -36,6 +40,9 @@ GUIDANCE_POINTS = ("x", "x1")
 class SampleConfig:
     steps: int = 64
     solver: str = "euler"
+    #: time grid ``t_i = 1 − (1 − i/steps)^rho`` (:func:`time_grid`): 1 = uniform; larger values put the steps
+    #: closer together near t = 1
+    rho: float = 1.0
     noise: float = 0.0
     noise_window: tuple[float, float] = (0.0, 1.0)
     guidance: float = 0.0
@@ -54,8 +61,24 @@ class SampleConfig:
             raise ValueError(f"unknown guidance point {self.guidance_at!r}; expected one of {list(GUIDANCE_POINTS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be ≥ 1; got {self.steps}")
+        if not (math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"rho (time-grid exponent) must be a finite number > 0 (1 = uniform); got {self.rho}")
         if self.noise < 0 or self.guidance < 0:
             raise ValueError("noise and guidance strengths must be ≥ 0")
+
+
+def time_grid(steps: int, rho: float = 1.0) -> Tensor:
+    """``steps + 1`` times from 0 to 1 (float64), ``t_i = 1 − (1 − i/steps)^rho``: uniform for ``rho = 1``; for
+    ``rho > 1`` the steps shrink toward t = 1 (the last one is ``steps^−rho`` long), as the polynomial noise
+    schedules of diffusion samplers (Karras et al. 2022) do toward the data."""
+    if steps < 1 or not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"time_grid needs steps ≥ 1 and a finite rho > 0; got steps={steps}, rho={rho}")
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if rho == 1:
+        return u  # exactly the uniform grid (1 − (1 − u) rounds)
+    ts = 1.0 - (1.0 - u) ** rho
+    ts[0], ts[-1] = 0.0, 1.0
+    return ts
 
 
 def guidance_gradient(flow: WeightFlow, x: Tensor, xb: Tensor, yb: Tensor, kind: str) -> Tensor:
@@ -106,7 +129,7 @@ def sample(
     man = flow.path_manifold
     x = flow.sample_prior(n, generator=generator) if x0 is None else x0.clone()
     dev = x.device
-    ts = torch.linspace(0.0, 1.0, config.steps + 1, dtype=torch.float64)
+    ts = time_grid(config.steps, config.rho)
 
     def field(xc: Tensor, tc: float) -> Tensor:
         t = torch.full((xc.shape[0],), tc, dtype=xc.dtype, device=dev)
