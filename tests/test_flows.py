@@ -275,7 +275,7 @@ def test_cli_train_sample_evaluate(tiny_bc_zoo, tmp_path, capsys):
     assert info["sampler"]["guidance"] == 0.5 and info["sampler"]["guidance_normalize"] is True
     assert info["sampler"]["guidance_at"] == "x1"
     assert info["precision"] == "bf16" and info["compiled"] is False
-    assert info["sampler"]["rho"] == 1.0
+    assert info["sampler"]["rho"] == SampleConfig.rho == 2.0  # the default grid
     assert main(["sample", "--flow", str(tmp_path / "flow"), "-n", "2", "--rho", "0",
                  "--out", str(tmp_path / "r.safetensors")]) == 2
     assert "rho" in capsys.readouterr().err and not (tmp_path / "r.safetensors").exists()

@@ -266,7 +266,10 @@ def test_normalized_guidance_steps_have_length_lambda_dt_and_lower_the_loss(flow
     out = sample(flow, 5, cfg, x0=x0, guidance_data=(x, y, "classification"),
                  callback=lambda i, xc: states.append(xc.clone()))
     steps = torch.stack([b - a for a, b in zip(states[:-1], states[1:])])  # [10, 5, D]
-    torch.testing.assert_close(steps.norm(dim=-1), torch.full((10, 5), 0.05))  # λ·dt, whatever the gradient size
+    from metaflow_ws.flows import time_grid
+
+    dt = time_grid(10, cfg.rho).diff().float()  # the default grid's steps
+    torch.testing.assert_close(steps.norm(dim=-1), (0.5 * dt)[:, None].expand(10, 5))  # λ·dt, whatever the gradient
     loss = [batch_metrics(flow.spec, flow.decode(z), x, y, "classification")["loss"] for z in (x0, out)]
     assert (loss[1] < loss[0]).all()
 

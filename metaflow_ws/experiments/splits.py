@@ -54,6 +54,8 @@ class SplitsConfig:
     epochs: int | None = None
     samples: int = 100
     sample_steps: int = 64
+    #: time grid of the samples (``SampleConfig.rho``): 1, the uniform grid its results were measured with
+    rho: float = 1.0
     seed: int = 0
     compile: bool = False
     #: path noise σ of every split's flow (``FlowConfig.sigma``; 0 = plain flow matching)
@@ -67,6 +69,7 @@ class SplitsConfig:
         if min(self.steps, self.samples, self.sample_steps) < 1:
             raise ValueError("steps, samples and sample_steps must be ≥ 1")
         check_path_noise(self.path_noise, "path_noise")
+        SampleConfig(rho=self.rho)  # a clear error for a bad time grid before any training
 
 
 def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.device | None = None,
@@ -88,7 +91,7 @@ def run_splits(cfg: SplitsConfig, out: Path | None = None, *, device: torch.devi
         resume = cfg.resume and folder is not None and (folder / CHECKPOINT).is_file()
         res = train_flow(zoo, fc, tc, folder, resume=resume, device=device)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        x = sample(res.flow, cfg.samples, SampleConfig(steps=cfg.sample_steps), generator=gen)
+        x = sample(res.flow, cfg.samples, SampleConfig(steps=cfg.sample_steps, rho=cfg.rho), generator=gen)
         samples = Zoo.from_params(task.name, zoo.spec, {k: v.detach() for k, v in res.flow.decode(x).items()},
                                   seeds={"seed": cfg.seed + 1, "data_seed": ds})
         trained = evaluate_zoo(task, zoo.final(), device=device)  # both on split ds (the zoos record it)
@@ -110,6 +113,10 @@ def _mean(rows: list[dict[str, Any]], who: str, key: str) -> tuple[float, float]
     return float(v.mean()), float(v.std(unbiased=False))
 
 
+def _grid(rho: float) -> str:
+    return "" if rho == 1 else f", time grid ρ = {rho:g}"
+
+
 def render(result: dict[str, Any], command: str) -> str:
     cfg, rows = result["config"], result["splits"]
     task, flow = cfg["task"], cfg["flow"].capitalize()
@@ -126,7 +133,7 @@ def render(result: dict[str, Any], command: str) -> str:
              f"Every split (data seed) gets its own zoo ({runs} runs, trained on that "
              f"split), its own {flow} flow (RT d={cfg['d_model']} × {cfg['num_layers']}, {cfg['steps']} steps, "
              f"aligned, coupling {cfg['coupling']}, prior σ = the zoo's init σ, {noise_text}) and {cfg['samples']} samples "
-             f"({cfg['sample_steps']} Euler steps), scored on that split's test set; mean ± std over networks. "
+             f"({cfg['sample_steps']} Euler steps{_grid(cfg.get('rho', 1.0))}), scored on that split's test set; mean ± std over networks. "
              "Trained = the zoo's final checkpoints.", ""]
     if cls:
         lines += ["| data seed | test points | trained acc | trained NLL | flow acc | flow NLL | flow / trained acc |",
@@ -186,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=None, help="zoo runs (default: the task recipe's)")
     p.add_argument("--epochs", type=int, default=None, help="zoo epochs (default: the recipe's)")
     p.add_argument("-n", "--samples", type=int, default=100)
+    p.add_argument("--rho", type=float, default=1.0,
+                   help="time grid of the samples, as `sample --rho` (default 1: uniform, as the committed results)")
     p.add_argument("--path-noise", type=float, default=SIGMA, metavar="SIGMA",
                    help=f"path noise of every split's flow, as `train --path-noise` (default {SIGMA}; 0 = plain flow matching)")
     p.add_argument("--compile", action="store_true", help="train the flows through torch.compile")
@@ -215,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = SplitsConfig(task=args.task, data_seeds=tuple(args.data_seeds), flow=args.flow, steps=args.steps,
                            d_model=args.d_model, num_layers=args.layers, runs=args.runs, epochs=args.epochs,
                            samples=args.samples, seed=args.seed, compile=args.compile,
-                           path_noise=args.path_noise, resume=args.resume)
+                           path_noise=args.path_noise, resume=args.resume, rho=args.rho)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -255,6 +255,11 @@ def _support(task: Task, device: torch.device, points: int | None = None, seed: 
     return Support(x, y, task.kind)
 
 
+def _uniform_sampler(**kw: Any) -> SampleConfig:
+    """Every draw of this experiment: the uniform time grid (``rho=1``) its results were measured with."""
+    return SampleConfig(rho=1.0, **kw)
+
+
 def guidance_only(flow: WeightFlow, n: int, config: SampleConfig, support: Support, *,
                   generator: torch.Generator | None = None) -> Tensor:
     """The guidance part of :func:`~metaflow_ws.flows.sampling.sample` alone: the same prior draw and the same
@@ -360,7 +365,7 @@ def task_transfer(pair: _Pair, flow: WeightFlow, cfg: TransferConfig, device: to
     rows: list[dict[str, Any]] = []
 
     def cell(lam: float, steps: int, *, normalized: bool = True, no_flow: bool = False, at: str = "x") -> dict[str, Any]:
-        sc = SampleConfig(steps=steps, guidance=lam, guidance_normalize=normalized, guidance_at=at)
+        sc = _uniform_sampler(steps=steps, guidance=lam, guidance_normalize=normalized, guidance_at=at)
         params, secs = _draw(flow, pair.samples, sc, support, cfg.seed, no_flow=no_flow)
         row = {"method": "guidance only" if no_flow else "flow", "guidance": lam, "steps": steps,
                "normalized": normalized, "guidance_at": at, **_evaluate_cell(flow, params, pair.target, k, device),
@@ -472,7 +477,7 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
     task, spec, k, s = pair.target, flow.spec, cfg.candidates, cfg.init_seeds
     support = _support(task, device)
     g_steps = best["steps"] if best else max(pair.sample_steps)
-    sc_guided = SampleConfig(steps=g_steps, guidance=best["guidance"] if best else 0.0, guidance_normalize=True,
+    sc_guided = _uniform_sampler(steps=g_steps, guidance=best["guidance"] if best else 0.0, guidance_normalize=True,
                              guidance_at=best["guidance_at"] if best else "x")
     t0 = time.perf_counter()
     inits: dict[str, Tensor] = {
@@ -480,10 +485,10 @@ def learned_init(pair: _Pair, flow: WeightFlow, best: dict[str, Any] | None, bes
         "N(0, 0.1)": spec.flatten(spec.init(s, scheme="normal", std=0.1**0.5, generator=_gen(cfg.seed + 102))),
     }
     # inits decoded from flow coordinates are rebalanced as init_ does (balance_scales) unless the label says not
-    unguided, _ = _draw(flow, s, SampleConfig(steps=g_steps), None, cfg.seed + 103)
+    unguided, _ = _draw(flow, s, _uniform_sampler(steps=g_steps), None, cfg.seed + 103)
     inits["flow, unguided"] = spec.flatten(balance_scales(spec, unguided))
     if best_only is not None:
-        only, _ = _draw(flow, s, SampleConfig(steps=best_only["steps"], guidance=best_only["guidance"],
+        only, _ = _draw(flow, s, _uniform_sampler(steps=best_only["steps"], guidance=best_only["guidance"],
                                               guidance_normalize=True), support, cfg.seed + 104, no_flow=True)
         inits[f"guidance only (λ={best_only['guidance']:g}, {best_only['steps']} steps)"] = spec.flatten(
             balance_scales(spec, only))
@@ -569,10 +574,10 @@ def architecture_transfer(source: Task, flow: WeightFlow, cfg: TransferConfig, d
         row: dict[str, Any] = {"widths": list(w), "architecture": spec.describe(), "transferred": spec != flow.spec}
         guided = {at: "guided" + _at_suffix(at) for at in cfg.guidance_at}
         for name, sc, no_flow in [
-            ("unguided", SampleConfig(steps=cfg.arch_steps), False),
-            *[(guided[at], SampleConfig(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True,
+            ("unguided", _uniform_sampler(steps=cfg.arch_steps), False),
+            *[(guided[at], _uniform_sampler(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True,
                                         guidance_at=at), False) for at in cfg.guidance_at],
-            ("guidance only", SampleConfig(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True),
+            ("guidance only", _uniform_sampler(steps=cfg.arch_steps, guidance=cfg.arch_guidance, guidance_normalize=True),
              True),
         ]:
             params, secs = _draw(f, cfg.samples, sc, support, cfg.seed, no_flow=no_flow)

@@ -265,7 +265,8 @@ class FlowMethod(Method):
         cond = flow.embed(support_x.to(self.device, torch.float32), support_y.to(self.device, torch.float32))
         cond = cond.repeat_interleave(c, 0)
         x0 = flow.sample_prior(t * c, generator=generator).to(self.device)
-        x = sample(flow, t * c, SampleConfig(steps=self.settings.sample_steps), cond=cond, x0=x0)
+        x = sample(flow, t * c, SampleConfig(steps=self.settings.sample_steps, rho=1.0),  # uniform grid, as measured
+                   cond=cond, x0=x0)
         params = flow.decode(x)
         if self.settings.residual:
             if self.shared_init is None:

@@ -1,10 +1,13 @@
 """Samplers for weight flows: Euler and Heun (2nd order) on the path's geometry, stochastic sampling and
 task-loss guidance.
 
-The time grid is ``t_i = 1 − (1 − i/K)^ρ`` (:func:`time_grid`): ρ = 1 is the uniform grid of the thesis, ρ > 1 takes
-smaller steps near the data end t = 1, where the x1-predicting field re-estimates the network the sample lands
-on (the Euler step ``x ← x + dt/(1 − t)·(x̂1 − x)`` is exact for a fixed x̂1, so the grid sets how often x̂1 is
-re-read, and the last steps, close to the data, are where it changes most with x). A step moves x by ``dt · (v(x, t) − λ·grad)`` through the geometry's exponential map (a plain addition for the
+The time grid is ``t_i = 1 − (1 − i/K)^ρ`` (:func:`time_grid`): ρ = 1 is the thesis's uniform grid, ρ > 1
+takes smaller steps near the data end t = 1. An Euler step ``x ← x + dt/(1 − t)·(x̂1 − x)`` is exact while the
+field's prediction x̂1 stays fixed, so the grid sets how often x̂1 is re-read, and it changes most with x in the
+last steps, close to the data (this holds on the spheres too: the step moves the fraction dt/(1 − t) of the way
+along the geodesic to x̂1, as the exact solution does).
+
+A step moves x by ``dt · (v(x, t) − λ·grad)`` through the geometry's exponential map (a plain addition for the
 Euclidean and normalized flows, a geodesic step on the spheres for the geometric flow). ``noise`` adds
 ``ε·sqrt(dt)`` Gaussian noise (projected to the tangent space) at every step whose t lies in ``noise_window``.
 Guidance subtracts ``λ ∇L_task`` (per-network losses vmapped over the decoded batch, one backward pass for all
@@ -40,9 +43,11 @@ GUIDANCE_POINTS = ("x", "x1")
 class SampleConfig:
     steps: int = 64
     solver: str = "euler"
-    #: time grid ``t_i = 1 − (1 − i/steps)^rho`` (:func:`time_grid`): 1 = uniform; larger values put the steps
-    #: closer together near t = 1
-    rho: float = 1.0
+    #: time grid ``t_i = 1 − (1 − i/steps)^rho`` (:func:`time_grid`): 1 = uniform (the thesis's grid); larger values
+    #: put the steps closer together near t = 1. 2 rather than 1: at 64 Euler steps the breast_cancer samples gain
+    #: 0.008 test accuracy (Geometric 0.971 → 0.979, NLL 0.101 → 0.085) and keep the trained networks' functional
+    #: diversity, digits (Normalized) 0.006; larger values trade more diversity for little (README, "Time grid")
+    rho: float = 2.0
     noise: float = 0.0
     noise_window: tuple[float, float] = (0.0, 1.0)
     guidance: float = 0.0
