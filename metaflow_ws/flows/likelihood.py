@@ -8,8 +8,8 @@ along a trajectory obeys ``d/dt log p_t(x_t) = −div v(x_t, t)``, so for given 
 
     log p1(x1) = log p0(x0) − ∫_0^1 div v(x_t, t) dt,        x_t = the ODE solution through x1, run backwards.
 
-*Discretization* — the sampler's own grid ``t_k = k/K`` (``K = steps``), run in reverse: for ``k = K−1, …, 0``
-the field is evaluated at the current point and the **left** time of the interval,
+*Discretization* — the sampler's uniform grid ``t_k = k/K`` (``K = steps``, ``SampleConfig(rho=1)``), run in
+reverse: for ``k = K−1, …, 0`` the field is evaluated at the current point and the **left** time of the interval,
 ``x ← exp_x(−Δt · v(x, t_k))`` and ``Δ ← Δ + Δt · div v(x, t_k)`` (``Δt = 1/K``). The field is never evaluated
 at ``t = 1``, where the x1-prediction velocity ``(x̂1 − x)/(1 − t)`` is singular, exactly as in
 :func:`~metaflow_ws.flows.sampling.sample`; the last reverse step (``t_{K−1} = 1 − Δt``) has coefficient
