@@ -270,7 +270,7 @@ def test_residual_flow_method_models_the_change_from_the_init():
     flow = m.flow.eval()
     cond = flow.embed(ep.support_x, ep.support_y).repeat_interleave(2, 0)
     gen = g()
-    x = sample(flow, 6, SampleConfig(steps=settings.sample_steps), cond=cond, x0=flow.sample_prior(6, generator=gen))
+    x = sample(flow, 6, SampleConfig(steps=settings.sample_steps, rho=1.0), cond=cond, x0=flow.sample_prior(6, generator=gen))
     want = flow.decode(x)["layers.0.weight"] + m.shared_init["layers.0.weight"]
     torch.testing.assert_close(got["layers.0.weight"].reshape(6, 40, 1), want)
     with pytest.raises(ValueError, match="lacks the shared initialisation"):
