@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import resource
 import sys
 import time
@@ -179,7 +180,15 @@ def run_isolated(target, *a):  # noqa: ANN001 - also used by profile_train_step.
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*a, q))
     p.start()
-    res = q.get()
+    while True:  # a child that dies (an exception, the OOM killer) puts nothing: stop instead of waiting forever
+        try:
+            res = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not p.is_alive() and q.empty():
+                p.join()
+                raise RuntimeError(f"benchmark process for {getattr(target, '__name__', target)}{a[1:]} exited with "
+                                   f"code {p.exitcode} before reporting (its traceback is above)") from None
     p.join()
     return res
 

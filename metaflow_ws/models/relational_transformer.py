@@ -209,6 +209,13 @@ def _attend_scatter(
     return agg_v, agg_e
 
 
+def _scores(a: Tensor, b: Tensor) -> Tensor:
+    """``(B, R, H, dh), (B, C, H, dh) → (B, R, C, H)``: ``Σ_d a[b, r, h, d] · b[b, c, h, d]``, as one batched matmul
+    over ``(B, H)``. (The equivalent einsum, under bfloat16 autocast and ``torch.compile`` on CPU in torch 2.13,
+    gave non-finite gradients for ``b``: see ``tests/test_flows.py``.)"""
+    return torch.matmul(a.transpose(1, 2), b.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)
+
+
 def _attend_blocks(
     topo: _Topology, q: Tensor, kf: Tensor, kb: Tensor, vf: Tensor, vb: Tensor, sf: Tensor, sb: Tensor, e_hat: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -230,8 +237,8 @@ def _attend_blocks(
     for i in range(n_layers):
         shape = (b, w[i + 1], w[i], h)
         # forward messages: target r (layer i+1) receives from source c (layer i); backward: c receives from r
-        s_in.append(torch.einsum("brhd,bchd->brch", q_[i + 1], kf_[i]) * scale + sf_[i].reshape(shape))
-        s_out.append(torch.einsum("bchd,brhd->brch", q_[i], kb_[i + 1]) * scale + sb_[i].reshape(shape))
+        s_in.append(_scores(q_[i + 1], kf_[i]) * scale + sf_[i].reshape(shape))
+        s_out.append(_scores(kb_[i + 1], q_[i]) * scale + sb_[i].reshape(shape))
         e_blk.append(eh_[i].reshape(b, w[i + 1], w[i], de))
     # per-node softmax over incoming (block l-1, over c) and outgoing (block l, over r) messages
     m = []
@@ -336,10 +343,18 @@ class RTLayer(nn.Module):
         sf, sb = (s_e + s_shift[:, None]).split(hh, dim=-1)
         vf = vf + v_shift[:, None]
         vb = vb + v_shift[:, None]
-        heads = (t.reshape(b, n, hh, dh) for t in (q, kf, kb, vf, vb))
-        agg_v, agg_e = attend(topo, *heads, sf, sb, e_hat)
+        heads = tuple(t.reshape(b, n, hh, dh) for t in (q, kf, kb, vf, vb))
+        if torch.is_grad_enabled() and torch.is_autocast_enabled(h.device.type):
+            # Inductor (torch 2.13, CPU) fuses this layer's bfloat16 prologue into the block attention's backward
+            # wrongly: non-finite gradients for the node projections (the forward is right, so sampling under
+            # no_grad keeps one graph). Compiling the attention apart is exact (tests/test_flows.py).
+            torch._dynamo.graph_break()
+            agg_v, agg_e = attend(topo, *heads, sf, sb, e_hat)
+            torch._dynamo.graph_break()
+        else:
+            agg_v, agg_e = attend(topo, *heads, sf, sb, e_hat)
         # edge value term by linearity: Σ α (W_v e_hat) = W_v (Σ α e_hat), projected per head at node level
-        attn = (agg_v + torch.einsum("bnhe,ehd->bnhd", agg_e, w_v.t().view(de, hh, dh))).reshape(b, n, d)
+        attn = (agg_v + torch.einsum("bnhe,hde->bnhd", agg_e, w_v.view(hh, dh, de))).reshape(b, n, d)
         h = h + self.node_out(attn)
         # 2. node MLP
         g, s = m_mlp.chunk(2, dim=-1)
@@ -571,6 +586,8 @@ class RelationalTransformer(nn.Module):
             self.checkpoint is True
             or (self.checkpoint == "auto" and b * topo.num_edges * self.d_edge >= AUTO_CHECKPOINT_ELEMENTS)
         )
+        if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
+            torch._dynamo.graph_break()  # see RTLayer.forward
         for layer in self.layers:
             if recompute:
                 h, e = _checkpoint(layer, h, e, c, topo, self.backend, use_reentrant=False)
