@@ -12,6 +12,8 @@ ORDER = 70
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from metaflow_ws.flows.sampling import SampleConfig
+
     p.add_argument("--zoo", required=True, help="zoo file written by `metaflow-ws zoo`")
     p.add_argument("--out", required=True, help="folder for README.md, results.json and the trained flows")
     p.add_argument("--flows", nargs="+", default=["euclidean:ot-perm", "normalized:ot-perm", "geometric:ot-perm"],
@@ -22,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--samples", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=64)
     p.add_argument("--solver", choices=["euler", "heun"], default="euler")
-    p.add_argument("--rho", type=float, default=None,
-                   help="time grid of the samples, as `sample --rho` (default: the sampler's)")
+    p.add_argument("--rho", type=float, default=SampleConfig.rho,
+                   help=f"time grid of the samples, as `sample --rho` (default {SampleConfig.rho:g})")
     add_speed_options(p, "train the flows")
     add_common(p)
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     size = flow_size(args, zoo.task)
     train = TrainConfig(steps=args.steps, lr=size["lr"], compile=args.compile, precision=args.precision)
     sampler = SampleConfig(steps=args.sample_steps, solver=args.solver,
-                           rho=SampleConfig.rho if args.rho is None else args.rho)
+                           rho=args.rho)
     rows = compare_flows(zoo, runs=runs, train=train, d_model=size["d_model"],
                          num_layers=size["num_layers"], samples=args.samples,
                          sampler=sampler, seed=args.seed,

@@ -7,6 +7,7 @@ import argparse
 from metaflow_ws.commands import add_common, add_flow_size_options, add_speed_options
 from metaflow_ws.flows.couplings import COUPLINGS
 from metaflow_ws.flows.flow import SIGMA
+from metaflow_ws.flows.sampling import SampleConfig
 
 NAME = "report"
 HELP = "train zoo and flows, sample, evaluate against baselines and write results/<task>/ (README + plots)"
@@ -44,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flow_size_options(p, "every flow", quick=True)
     p.add_argument("-n", "--samples", type=int, default=None, help="samples per flow (default 100; --quick: 32)")
     p.add_argument("--sample-steps", type=int, default=None, help="integration steps (default 64; --quick: 16)")
-    p.add_argument("--rho", type=float, default=None,
-                   help="time grid of the samples, as `sample --rho` (default: the sampler's); the report also "
-                        "sweeps it")
+    p.add_argument("--rho", type=float, default=SampleConfig.rho,
+                   help=f"time grid of the samples, as `sample --rho` (default {SampleConfig.rho:g}); the report "
+                        "also sweeps it")
     p.add_argument("--lik-networks", type=int, default=None, help="networks per population for the likelihood AUROC")
     p.add_argument("--lik-estimator", choices=["exact", "hutchinson"], default=None)
     add_speed_options(p, "train the flows")

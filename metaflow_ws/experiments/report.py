@@ -292,7 +292,7 @@ class _Report:
             self._sample_all()
         with self._timed("evaluation and baselines"):
             self._evaluate()
-        with self._timed("sweeps: steps, guidance, noise"):
+        with self._timed("sweeps: steps, guidance, noise, time grid"):
             self._sweeps()
         with self._timed("loss barriers"):
             self._barriers()
