@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     size = flow_size(args, zoo.task)
     train = TrainConfig(steps=args.steps, lr=size["lr"], compile=args.compile, precision=args.precision)
-    sampler = SampleConfig(steps=args.sample_steps, solver=args.solver,
-                           rho=args.rho)
+    sampler = SampleConfig(steps=args.sample_steps, solver=args.solver, rho=args.rho)
     rows = compare_flows(zoo, runs=runs, train=train, d_model=size["d_model"],
                          num_layers=size["num_layers"], samples=args.samples,
                          sampler=sampler, seed=args.seed,

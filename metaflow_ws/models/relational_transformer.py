@@ -344,17 +344,17 @@ class RTLayer(nn.Module):
         vf = vf + v_shift[:, None]
         vb = vb + v_shift[:, None]
         heads = tuple(t.reshape(b, n, hh, dh) for t in (q, kf, kb, vf, vb))
-        if torch.is_grad_enabled() and torch.is_autocast_enabled(h.device.type):
-            # Inductor (torch 2.13, CPU) fuses this layer's bfloat16 prologue into the block attention's backward
-            # wrongly: non-finite gradients for the node projections (the forward is right, so sampling under
-            # no_grad keeps one graph). Compiling the attention apart is exact (tests/test_flows.py).
+        # Inductor (torch 2.13, CPU) fuses the bfloat16 block attention with the rest of the layer into a backward
+        # with non-finite gradients for the node projections (the forward is right, so sampling under no_grad
+        # keeps one graph). Compiling the attention apart is exact (tests/test_flows.py).
+        apart = torch.is_grad_enabled() and torch.is_autocast_enabled(h.device.type)
+        if apart:
             torch._dynamo.graph_break()
-            agg_v, agg_e = attend(topo, *heads, sf, sb, e_hat)
+        agg_v, agg_e = attend(topo, *heads, sf, sb, e_hat)
+        if apart:
             torch._dynamo.graph_break()
-        else:
-            agg_v, agg_e = attend(topo, *heads, sf, sb, e_hat)
         # edge value term by linearity: Σ α (W_v e_hat) = W_v (Σ α e_hat), projected per head at node level
-        attn = (agg_v + torch.einsum("bnhe,hde->bnhd", agg_e, w_v.view(hh, dh, de))).reshape(b, n, d)
+        attn = (agg_v + torch.einsum("bnhe,ehd->bnhd", agg_e, w_v.t().view(de, hh, dh))).reshape(b, n, d)
         h = h + self.node_out(attn)
         # 2. node MLP
         g, s = m_mlp.chunk(2, dim=-1)
@@ -586,8 +586,6 @@ class RelationalTransformer(nn.Module):
             self.checkpoint is True
             or (self.checkpoint == "auto" and b * topo.num_edges * self.d_edge >= AUTO_CHECKPOINT_ELEMENTS)
         )
-        if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
-            torch._dynamo.graph_break()  # see RTLayer.forward
         for layer in self.layers:
             if recompute:
                 h, e = _checkpoint(layer, h, e, c, topo, self.backend, use_reentrant=False)
