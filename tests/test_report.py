@@ -66,6 +66,10 @@ def test_report_writes_readme_results_and_figures(tiny_report):
         assert b["flow_disagreement"] == pytest.approx(float(prediction_disagreement(task.spec, smp, x_te)))
         assert 0.0 <= b["matched_accuracy"]["disagreement"] <= 1.0
         assert f"{b['flow_diversity']:.4f} / {b['flow_disagreement']:.3f} / " in text
+        d = b.get("matched_diversity")
+        if d is not None:  # how many final checkpoints the diversity-matched noise perturbs: all runs, or one
+            assert d["centers"] in (1, 3)
+            assert f"| {d['sigma']:.3g}, {d['centers']}, {d['accuracy_mean']:.4f}, " in text
     # every guidance / stochastic-noise sweep point has the noise baseline's diversity at its accuracy (NaN where
     # the trained networks themselves are less accurate)
     for key in ("guidance", "noise", "rho"):

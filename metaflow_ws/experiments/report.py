@@ -818,12 +818,17 @@ class _Report:
         lines += ["", "Flows against the noise baseline (final checkpoints + Gaussian weight noise) tuned to each "
                   "flow's diversity (compare accuracy) or to its accuracy (compare diversity and novelty). "
                   "Disagreement: mean pairwise fraction of test inputs on which two networks' top classes differ "
-                  "(scale-free: unlike JS it does not grow with the networks' confidence):", "",
-                  "| flow | flow acc / div / disagreement / novelty | noise @ matched diversity: σ, acc, novelty | "
+                  "(scale-free: unlike JS it does not grow with the networks' confidence). Centres: the final "
+                  "checkpoints the noise is added to; where a flow's samples are less diverse than the distinct "
+                  "trained runs themselves, its diversity can only be matched by perturbing one network (1 centre):",
+                  "",
+                  "| flow | flow acc / div / disagreement / novelty | noise @ matched diversity: σ, centres, acc, "
+                  "novelty | "
                   "noise @ matched accuracy: σ, acc, div, disagreement, novelty |", "|---|---|---|---|"]
         for b in r["noise_baselines"]:
             d, a = b.get("matched_diversity"), b["matched_accuracy"]
-            dcell = (f"{d['sigma']:.3g}, {d['accuracy_mean']:.4f}, {d['novelty_median']:.3g}" if d is not None
+            dcell = (f"{d['sigma']:.3g}, {d['centers']}, {d['accuracy_mean']:.4f}, {d['novelty_median']:.3g}"
+                     if d is not None
                      else "not reachable")
             lines.append(f"| {b['label']} | {b['flow_accuracy']:.4f} / {b['flow_diversity']:.4f} / "
                          f"{b['flow_disagreement']:.3f} / {b['flow_novelty']:.3g} | {dcell} | "
