@@ -823,13 +823,11 @@ class _Report:
                   "trained runs themselves, its diversity can only be matched by perturbing one network (1 centre):",
                   "",
                   "| flow | flow acc / div / disagreement / novelty | noise @ matched diversity: σ, centres, acc, "
-                  "novelty | "
-                  "noise @ matched accuracy: σ, acc, div, disagreement, novelty |", "|---|---|---|---|"]
+                  "novelty | noise @ matched accuracy: σ, acc, div, disagreement, novelty |", "|---|---|---|---|"]
         for b in r["noise_baselines"]:
             d, a = b.get("matched_diversity"), b["matched_accuracy"]
             dcell = (f"{d['sigma']:.3g}, {d['centers']}, {d['accuracy_mean']:.4f}, {d['novelty_median']:.3g}"
-                     if d is not None
-                     else "not reachable")
+                     if d is not None else "not reachable")
             lines.append(f"| {b['label']} | {b['flow_accuracy']:.4f} / {b['flow_diversity']:.4f} / "
                          f"{b['flow_disagreement']:.3f} / {b['flow_novelty']:.3g} | {dcell} | "
                          f"{a['sigma']:.3g}, {a['accuracy_mean']:.4f}{'' if a['converged'] else ' (not matched)'}, "
