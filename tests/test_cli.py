@@ -110,6 +110,23 @@ def test_the_split_travels_from_zoo_to_flow_to_samples_to_evaluate(capsys, tmp_p
     ev = run_json(capsys, ["evaluate", "--task", "breast_cancer", "--weights", str(tmp_path / "s.safetensors"),
                            "--json"])
     assert ev["data_seed"] == 3
+    # --fit-scale: the same draws with every last layer times the c fitted on split 3's validation set
+    from metaflow_ws.evaluation import fit_output_scale
+    from metaflow_ws.tasks import get_task
+
+    fs = run_json(capsys, ["sample", "--flow", str(flow), "-n", "2", "--steps", "2", "--fit-scale", "--task",
+                           "breast_cancer", "--out", str(tmp_path / "fs.safetensors"), "--json"])
+    raw, fitted = Zoo.load(tmp_path / "s.safetensors"), Zoo.load(tmp_path / "fs.safetensors")
+    _, c = fit_output_scale(raw.spec, raw.params, *get_task("breast_cancer").data(3).split("val"))
+    assert fs["output_scale"] == pytest.approx(c, rel=1e-5) and fitted.info["output_scale"] == fs["output_scale"]
+    for k, v in raw.params.items():
+        torch.testing.assert_close(fitted.params[k], v * c if k.startswith("layers.2.") else v)
+    for argv, message in ((["--fit-scale"], "--fit-scale needs --task TASK"),
+                          (["--fit-scale", "--task", "sinusoid"], "needs a classification task")):
+        assert main(["sample", "--flow", str(flow), "-n", "2", "--steps", "2", *argv,
+                     "--out", str(tmp_path / "bad.safetensors")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_architecture_transfer_from_the_command_line(capsys, tmp_path):

@@ -16,6 +16,7 @@ from metaflow_ws.evaluation import (
     brier_score,
     ensemble_metrics,
     expected_calibration_error,
+    fit_output_scale,
     full_metrics,
     functional_diversity,
     js_divergence,
@@ -150,6 +151,58 @@ def test_calibration_rejects_bad_labels():
         brier_score(probs, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="integer"):
         brier_score(probs, torch.zeros(4))
+
+
+def _mean_nll(spec: NetworkSpec, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(batch_metrics(spec, params, x, y, "classification")["loss"].mean())
+
+
+def test_fit_output_scale_closed_form():
+    # no hidden layer: logits (0, a·x0); three points right and one wrong, all with margin a, so the mean NLL
+    # 3·log(1 + e^{−ca}) + log(1 + e^{ca}) is smallest where e^{ca} = 3: c = ln 3 / a
+    a = 2.0
+    spec = NetworkSpec((2, 2), "relu")
+    params = {"layers.0.weight": torch.tensor([[[0.0, 0.0], [a, 0.0]]], dtype=torch.float64),
+              "layers.0.bias": torch.zeros(1, 2, dtype=torch.float64)}
+    x = torch.tensor([[1.0, 0.0]] * 4, dtype=torch.float64)
+    y = torch.tensor([1, 1, 1, 0])
+    scaled, c = fit_output_scale(spec, params, x, y)
+    assert c == pytest.approx(math.log(3) / a, abs=1e-12)
+    torch.testing.assert_close(scaled["layers.0.weight"], params["layers.0.weight"] * c)
+
+
+def test_fit_output_scale_minimizes_the_mean_nll_and_keeps_every_prediction():
+    params, x = rand_params(SPEC, 7, std=1.5), rand_x(40, 5)
+    y = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(3))
+    scaled, c = fit_output_scale(SPEC, params, x, y)
+    assert 1e-2 < c < 1e2
+    torch.testing.assert_close(loop_outputs(SPEC, scaled, x), c * loop_outputs(SPEC, params, x))  # logits × c
+    xt = rand_x(25, 5, seed=9)  # other inputs: the same top classes
+    assert torch.equal(predictive_probs(SPEC, scaled, xt).argmax(-1), predictive_probs(SPEC, params, xt).argmax(-1))
+    # the minimum of the convex mean NLL over c: below every point of a dense grid (the reference computation)
+    last = {"layers.1.weight", "layers.1.bias"}
+    grid = torch.exp(torch.linspace(math.log(1e-2), math.log(1e2), 801, dtype=torch.float64))
+    nll = [_mean_nll(SPEC, {k: v * g if k in last else v for k, v in params.items()}, x, y) for g in grid]
+    assert _mean_nll(SPEC, scaled, x, y) <= min(nll) + 1e-12
+    assert abs(math.log(c) - math.log(float(grid[int(torch.tensor(nll).argmin())]))) <= 2 * math.log(1e4) / 800
+
+
+def test_fit_output_scale_bounds_and_errors():
+    spec = NetworkSpec((2, 2), "relu")
+    params = {"layers.0.weight": torch.tensor([[[0.0, 0.0], [1.0, 0.0]]]), "layers.0.bias": torch.zeros(1, 2)}
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert fit_output_scale(spec, params, x, torch.tensor([1, 0]))[1] == pytest.approx(100)  # separable: upper bound
+    assert fit_output_scale(spec, params, x, torch.tensor([0, 1]), bounds=(0.1, 10))[1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="bounds"):
+        fit_output_scale(spec, params, x, torch.tensor([1, 0]), bounds=(1.0, 0.5))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_output_scale(spec, {**params, "layers.0.bias": torch.tensor([[0.0, float("nan")]])}, x,
+                         torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="shape"):
+        fit_output_scale(spec, params, x, torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="classifier"):
+        fit_output_scale(NetworkSpec((2, 1), "relu"), {"layers.0.weight": torch.zeros(1, 1, 2),
+                                                       "layers.0.bias": torch.zeros(1, 1)}, x, torch.tensor([0, 0]))
 
 
 # --------------------------------------------------------------------------------------------- diversity

@@ -30,7 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-at", choices=list(GUIDANCE_POINTS), default=SampleConfig().guidance_at,
                    help="where the guidance gradient is taken: x, the current point x_t (default, the thesis's form); "
                         "x1, the flow's prediction of the network the sample is heading for")
-    p.add_argument("--task", default=None, help="task whose training loss guides sampling")
+    p.add_argument("--fit-scale", action="store_true",
+                   help="temperature-scale the samples: multiply every sample's last layer by the one factor c "
+                        "that minimizes their mean NLL on the task's validation split (needs --task; classification; "
+                        "accuracy unchanged, see README \"Output scale\")")
+    p.add_argument("--task", default=None, help="task whose training loss guides sampling (and whose validation "
+                                                "split --fit-scale uses)")
     p.add_argument("--guidance-batch", type=int, default=256, help="training points used for guidance")
     p.add_argument("--widths", type=parse_widths, default=None, metavar="W",
                    help="architecture transfer: sample networks of other hidden layers than the flow's, e.g. "
@@ -72,14 +77,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = SampleConfig(steps=args.steps, solver=args.solver, rho=args.rho, noise=args.noise, noise_window=tuple(args.noise_window),
                        guidance=args.guidance, guidance_normalize=args.guidance_normalize,
                        guidance_at=args.guidance_at)
-    gdata = None
-    if args.guidance > 0:
+    gdata = task = None
+    if args.guidance > 0 or args.fit_scale:
         if args.task is None:
-            raise ValueError("--guidance needs --task TASK (whose training loss guides the samples)")
+            flag = "--guidance" if args.guidance > 0 else "--fit-scale"
+            raise ValueError(f"{flag} needs --task TASK (the task whose data it uses: the training split guides, "
+                             "the validation split fits the output scale)")
         task = get_task(args.task)
+        if args.fit_scale and task.kind != "classification":
+            raise ValueError(f"--fit-scale needs a classification task; {task.name!r} is a {task.kind} task")
         if args.widths is not None and not args.grow:
             task = task.with_widths(args.widths)
         flow.check_spec(task.spec, what=f"task {task.name!r}")
+    if args.guidance > 0:
         d = task.data(data_seed, device=device)
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(d.x_train.shape[0], generator=g)[: args.guidance_batch].to(device)
@@ -92,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
         raise FloatingPointError("sampling produced NaN/inf weights; try more --steps or a smaller --guidance")
     if args.grow:  # the copies' draws come from their own seeded generator, after sampling
         params = grow(own, params, target.widths, generator=torch.Generator().manual_seed(args.seed + 1))
+    scale = None
+    if args.fit_scale:
+        from metaflow_ws.evaluation import fit_output_scale
+
+        xv, yv = task.data(data_seed, device=device).split("val")
+        if xv.shape[0] == 0:
+            raise ValueError(f"--fit-scale needs a validation split; task {task.name!r} has none (val_fraction 0)")
+        params, scale = fit_output_scale(target, params, xv, yv)
     seconds = time.perf_counter() - t0
     name = args.task or flow.config.task
     if target != own:
@@ -104,15 +122,17 @@ def run(args: argparse.Namespace) -> int:
                                             "noise_window": list(cfg.noise_window), "guidance": cfg.guidance,
                                             "guidance_normalize": cfg.guidance_normalize,
                                             "guidance_at": cfg.guidance_at},
+                                **({"output_scale": scale} if scale is not None else {}),
                                 **({"grown_from": list(own.widths)} if args.grow else {}),
                                 "seed": args.seed, "seconds": seconds, "compiled": args.compile,
                                 "precision": args.precision})
     zoo.save(args.out)
     res = {"out": str(args.out), "n": args.num, "flow": flow.config.flow, "steps": cfg.steps, "solver": cfg.solver,
-           "rho": cfg.rho, "seconds": round(seconds, 3), "compiled": args.compile, "precision": args.precision}
+           "rho": cfg.rho, "seconds": round(seconds, 3), "compiled": args.compile, "precision": args.precision,
+           **({"output_scale": scale} if scale is not None else {})}
     if args.json:
         print_json(res)
     else:
         print(f"wrote {args.out}: {args.num} {flow.config.flow}-flow samples ({cfg.solver}, {cfg.steps} steps, rho {cfg.rho:g}) "
-              f"in {seconds:.2f}s")
+              f"in {seconds:.2f}s" + (f"; output scale {scale:.4g} fitted on the validation split" if scale else ""))
     return 0
