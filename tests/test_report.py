@@ -84,6 +84,23 @@ def test_report_writes_readme_results_and_figures(tiny_report):
             elif a <= zoo_acc:
                 assert d >= 0
     assert text.count("| noise baseline at the same accuracy: div |") == 3
+    # output scale fitted on the validation split: the saved samples recomputed, accuracy untouched, validation
+    # NLL not above the raw samples'; the NLL goal is stated raw and fitted
+    from metaflow_ws.evaluation import batch_metrics, fit_output_scale
+
+    x_val, y_val = task.data(Zoo.load(out / "zoo.safetensors").data_seed).split("val")
+    fits = {o["key"]: o for o in saved["output_scale"]}
+    assert {"zoo", "heldout"} | {b["flow"] for b in saved["noise_baselines"]} == set(fits)
+    for b in saved["noise_baselines"]:
+        smp, o = Zoo.load(out / "flows" / b["flow"] / "samples.safetensors"), fits[b["flow"]]
+        scaled, c = fit_output_scale(task.spec, smp, x_val, y_val)
+        assert o["scale"] == pytest.approx(c) and o["fitted_accuracy_mean"] == o["raw_accuracy_mean"]
+        val = [batch_metrics(task.spec, p, x_val, y_val, "classification")["loss"].mean() for p in (scaled, smp.params)]
+        assert val[0] <= val[1] + 1e-6
+        assert f"| {o['label']} | {o['scale']:.3g} | {o['raw_accuracy_mean']:.4f} | {o['raw_nll_mean']:.4f} → " in text
+    assert "## Output scale fitted on the validation split" in text
+    assert "Geometric flow mean test NLL ≤ the trained networks' |" in text
+    assert "Geometric flow mean test NLL ≤ the trained networks', with one output scale" in text
     assert saved["sweeps"]["rho"]["values"] == [1.0, 3.0] and "| ρ | 1 | 3 |" in text
     from metaflow_ws.flows import SampleConfig
 
