@@ -99,6 +99,9 @@ def test_report_writes_readme_results_and_figures(tiny_report):
         assert val[0] <= val[1] + 1e-6
         assert f"| {o['label']} | {o['scale']:.3g} | {o['raw_accuracy_mean']:.4f} | {o['raw_nll_mean']:.4f} → " in text
     assert "## Output scale fitted on the validation split" in text
+    ref = saved["heldout_noise_baseline"]  # networks trained anew through the flows' noise comparison
+    assert ref["flow_accuracy"] == pytest.approx(next(r for r in saved["table"] if r["kind"] == "heldout")["accuracy_mean"])
+    assert f"| Held-out trained networks (reference) | {ref['flow_accuracy']:.4f} / {ref['flow_diversity']:.4f} / " in text
     assert "Geometric flow mean test NLL ≤ the trained networks' |" in text
     assert "Geometric flow mean test NLL ≤ the trained networks', with one output scale" in text
     assert saved["sweeps"]["rho"]["values"] == [1.0, 3.0] and "| ρ | 1 | 3 |" in text
@@ -158,6 +161,11 @@ def test_classification_goals_check_bma_on_the_flow_chosen_for_it(tmp_path, monk
         assert g["met"] == (g["value"] >= res["table"][0]["accuracy_mean"])
     text = (tmp_path / "README.md").read_text()
     assert "(flow chosen by validation BMA of 4)" in text and "by validation accuracy of the model average" in text
+    # the diversity goal names what networks trained anew score in the same comparison
+    ref = res["heldout_noise_baseline"]
+    div_goal = next(g for g in res["goals"] if g["goal"].startswith("novelty and diversity"))
+    assert f"networks trained anew: {ref['flow_diversity']:.4f} vs {ref['matched_accuracy']['diversity']:.4f}" \
+        in div_goal["detail"]
 
 
 def test_validation_bma_picks_a_flow_from_the_validation_split(tiny_report):
