@@ -29,6 +29,15 @@ def test_splits_differ_and_each_row_is_scored_on_its_own_split(tmp_path):
     ref = full_metrics(task, zoo3.final(), "test", data_seed=3)
     assert res["splits"][1]["trained"]["accuracy_mean"] == pytest.approx(float(ref["accuracy"].mean()), abs=1e-6)
     assert res["splits"][1]["trained"]["nll_mean"] == pytest.approx(float(ref["nll"].double().mean()), rel=1e-5)
+    # one output scale per population fitted on the split's validation set: accuracy unchanged, the trained
+    # networks' scale is the one fit_output_scale finds for them on split 3
+    from metaflow_ws.evaluation import fit_output_scale
+
+    _, c = fit_output_scale(task.spec, zoo3.final().params, *task.data(3).split("val"))
+    row3 = res["splits"][1]
+    assert row3["trained_fitted"]["scale"] == pytest.approx(c, rel=1e-5)
+    for who in ("trained", "flow"):
+        assert row3[f"{who}_fitted"]["accuracy_mean"] == pytest.approx(row3[who]["accuracy_mean"], abs=1e-6)
     assert (tmp_path / "flows" / "seed3" / "flow.safetensors").exists()
     # --resume reloads the finished flows: the same samples, no step retrained
     again = run_splits(dataclasses.replace(cfg, resume=True), tmp_path, log=lambda s: None)
@@ -57,6 +66,16 @@ def test_render_counts_the_goal_per_split_and_averages_over_splits():
     assert "reach 0.993 on 1 of 2" in text
     assert "| 0.9800 ± 0.0200 |" in text  # trained accuracy: mean ± std over the two splits
     assert "from 0.9600 (split 0) to 1.0000 (split 3)" in text
+    assert "output scale" not in text  # results written before the fitted columns
+    fitted = [{**r, "trained_fitted": {**r["trained"], "nll_mean": nll, "scale": 1.2},
+               "flow_fitted": {**r["flow"], "nll_mean": fnll, "scale": 0.5}}
+              for r, nll, fnll in zip(res["splits"], (0.06, 0.04), (0.07, 0.045))]
+    text = render({**res, "splits": fitted}, "cmd")
+    # the flow's fitted NLL against the lower of the trained networks' raw and fitted: 0.07 > 0.05, 0.045 > 0.04
+    assert "whichever is lower, on 0 of 2 splits." in text
+    assert "flow's test NLL is 0.0575 vs the trained networks' 0.0500 fitted alike" in text
+    fitted[1]["flow_fitted"]["nll_mean"] = 0.03
+    assert "on 1 of 2 splits (3)." in render({**res, "splits": fitted}, "cmd")
 
 
 def test_cli_rejects_bad_input_with_exit_code_2(tmp_path, capsys):
