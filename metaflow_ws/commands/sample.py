@@ -134,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
         print_json(res)
     else:
         print(f"wrote {args.out}: {args.num} {flow.config.flow}-flow samples ({cfg.solver}, {cfg.steps} steps, rho {cfg.rho:g}) "
-              f"in {seconds:.2f}s" + (f"; output scale {scale:.4g} fitted on the validation split" if scale else ""))
+              f"in {seconds:.2f}s" + ("" if scale is None else f"; output scale {scale:.4g} fitted on the validation split"))
     return 0
