@@ -605,20 +605,19 @@ class _Report:
 
         if self.x_val.shape[0] == 0:
             return
+        rows = {r.get("flow", r["kind"]): r for r in self.rows if r["kind"] in ("zoo", "heldout", "flow")}
         pops = [("Zoo networks (final checkpoints)", "zoo", self.final.params),
                 ("Held-out trained networks", "heldout", self.heldout.params)]
-        pops += [(self.flow_info[r["flow"]]["label"], r["flow"], self.samples[r["flow"]])
-                 for r in self.rows if r["kind"] == "flow"]
+        pops += [(self.flow_info[k]["label"], k, self.samples[k]) for k in rows if k not in ("zoo", "heldout")]
         out = []
         for label, key, params in pops:
             scaled, c = fit_output_scale(self.spec, params, self.x_val, self.y_val)
-            before = full_metrics(self.task, params, "test", data_seed=self.zoo.data_seed)
             after = full_metrics(self.task, scaled, "test", data_seed=self.zoo.data_seed)
-            row: dict[str, Any] = {"label": label, "key": key, "scale": c}
-            for name, m in (("raw", before), ("fitted", after)):
-                for k in ("accuracy", "nll", "ece", "brier"):
-                    row[f"{name}_{k}_mean"], row[f"{name}_{k}_std"] = _mean_std(m[k])
-            out.append(row)
+            o: dict[str, Any] = {"label": label, "key": key, "scale": c}
+            for k in ("accuracy", "nll", "ece", "brier"):  # raw: the test metrics the samples table already has
+                o[f"raw_{k}_mean"], o[f"raw_{k}_std"] = rows[key][f"{k}_mean"], rows[key][f"{k}_std"]
+                o[f"fitted_{k}_mean"], o[f"fitted_{k}_std"] = _mean_std(after[k])
+            out.append(o)
         self.results["output_scale"] = out
 
     # ------------------------------------------------------------------------------------------- sweeps
